@@ -1,0 +1,1 @@
+"""Reduced-precision decisions: which ops stay fp32 in the fp16 graphs, and why."""

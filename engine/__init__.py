@@ -1,0 +1,1 @@
+"""TensorRT engine building (optional: needs the `tensorrt` extra and a GPU)."""

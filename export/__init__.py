@@ -1,0 +1,1 @@
+"""Checkpoint loading, the PyTorch stage modules, and ONNX export."""

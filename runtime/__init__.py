@@ -1,0 +1,1 @@
+"""Backends, entropy coding, the .osd bitstream, the codec pipeline and profiling."""

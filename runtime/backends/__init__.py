@@ -1,0 +1,1 @@
+"""Backends: one small interface (runtime/backends/base.py), one file per implementation."""
