@@ -13,6 +13,7 @@ in one error that lists them all.
 
 from __future__ import annotations
 
+import collections
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,16 +33,13 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-class _LightningAttributeDict(dict):
-    """Stands in for Lightning's AttributeDict (hyper_parameters): plain data, safe to rebuild."""
-
-
-# What Lightning pickles besides tensors and builtins. Only data classes belong here: torch's
-# weights-only unpickler refuses every other global, so no code in a file can run.
+# What Lightning pickles besides tensors and builtins: its hyper_parameters are an
+# AttributeDict, a dict subclass, rebuilt here as a plain OrderedDict. Only data types belong
+# here: torch's weights-only unpickler refuses every other global, so no code in a file runs.
 _LIGHTNING_DATA = [
-    (_LightningAttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
-    (_LightningAttributeDict, "lightning_fabric.utilities.data.AttributeDict"),
-    (_LightningAttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
+    (collections.OrderedDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (collections.OrderedDict, "lightning_fabric.utilities.data.AttributeDict"),
+    (collections.OrderedDict, "lightning.fabric.utilities.data.AttributeDict"),
 ]
 
 

@@ -16,6 +16,7 @@ fp32 islands are the modules' own casts, see calibration/precision.py), which is
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -41,11 +42,11 @@ _TRACE_BATCH, _TRACE_H, _TRACE_W = 2, 320, 448
 
 
 class _Half(nn.Module):
-    """fp16 graph with float32 edges."""
+    """fp16 copy of a graph, with float32 edges."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        self.module = module
+        self.module = copy.deepcopy(module).half()
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...] | Tensor:
         out = self.module(*(x.half() for x in inputs))
@@ -121,7 +122,9 @@ def _export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[
     shapes = graph_shapes(cfg, name, _TRACE_BATCH, _TRACE_H * cfg.pad_multiple // 64, _TRACE_W * cfg.pad_multiple // 64)
     args = tuple(torch.randn(shapes[i]) for i in inputs)
     auto = torch.export.Dim.AUTO
-    dynamic = tuple({0: auto, 2: auto, 3: auto} for _ in inputs)
+    dynamic: tuple = tuple({0: auto, 2: auto, 3: auto} for _ in inputs)
+    if half:
+        dynamic = (dynamic,)  # _Half.forward takes *inputs
     module = module.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter

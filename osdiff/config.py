@@ -136,6 +136,33 @@ class ModelConfig:
         return ModelConfig()
 
     @staticmethod
+    def demo() -> "ModelConfig":
+        """A small configuration of the same architecture (every block type and code path, two
+        UNet levels, three slices) that exports and runs in seconds on a CPU. Used with random
+        weights by `osdiff demo` and by tests; it is no codec anyone should use."""
+        return ModelConfig(
+            unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(1, 2), num_head_channels=16, context_dim=32),
+            control=ControlConfig(ratio=0.2, num_head_channels=4),
+            vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 2), num_res_blocks=1),
+            text=TextConfig(width=32, layers=2, heads=2, projection_dim=32),
+            lfgcm=LFGCMConfig(enc_mid=(32, 32, 32, 32), N=32, M=64, prior_nc=16, slice_ch=(8, 24, 32)),
+            guidance=GuidanceConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                    attention_resolutions=(1,), num_head_channels=16, context_dim=32,
+                                    dmlp_channels=64),
+            name="demo",
+        )
+
+    @staticmethod
+    def named(name_or_path: str | Path | None) -> "ModelConfig":
+        """"full" (the default), "demo", or a JSON file in the reference layout."""
+        if name_or_path in (None, "full"):
+            return ModelConfig.full()
+        if name_or_path == "demo":
+            return ModelConfig.demo()
+        return ModelConfig.from_json(name_or_path)
+
+    @staticmethod
     def from_json(path: str | Path) -> "ModelConfig":
         """Read a config in the layout of a reference golden set's config.json."""
         path = Path(path)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from osdiff.runtime.backends.base import Backend
-from osdiff.runtime.bitstream import FINGERPRINT_BYTES, OsdStream, StreamError, read_reference, symbol_check
+from osdiff.runtime.bitstream import FINGERPRINT_BYTES, OsdStream, StreamError, read_reference, symbol_check, write_reference
 from osdiff.runtime.latent_codec import CodedLatent, compress_latent, decompress_latent
 from osdiff.runtime.noise import gaussian_noise
 from osdiff.runtime.profiling import NO_TRACE, Trace
@@ -57,6 +57,11 @@ class Codec:
         stream.check = symbol_check(stream.header(), coded.symbols)
         return stream.to_bytes()
 
+    def compress_reference(self, image: np.ndarray, trace: Trace = NO_TRACE) -> bytes:
+        """The original implementation's stream format (see decompress_reference)."""
+        coded = self.encode_latent(image, trace)
+        return write_reference(coded.z_shape, coded.y_string, coded.z_string)
+
     def encode_latent(self, image: np.ndarray, trace: Trace = NO_TRACE) -> CodedLatent:
         x = image_to_tensor(image)
         hp, wp = self.padded_size(*x.shape[2:])
@@ -76,6 +81,11 @@ class Codec:
     # --- decode ----------------------------------------------------------------------------
 
     def decompress(self, data: bytes, trace: Trace = NO_TRACE) -> np.ndarray:
+        """.osd bytes -> H x W x 3 uint8."""
+        return tensor_to_image(self.decompress_tensor(data, trace))
+
+    def decompress_tensor(self, data: bytes, trace: Trace = NO_TRACE) -> Tensor:
+        """.osd bytes -> 1 x 3 x H x W float32 in [0, 1], before the uint8 conversion."""
         with trace("parse"):
             stream = OsdStream.from_bytes(data)
         if stream.fingerprint != self.models.fingerprint[:FINGERPRINT_BYTES]:
@@ -103,7 +113,7 @@ class Codec:
         if z_shape != (hp // f, wp // f):
             raise StreamError(f"the stream's z shape {z_shape} does not fit a {height}x{width} image")
         y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace)
-        return self.decode_image(y_hat, seed, (height, width), trace)
+        return tensor_to_image(self.decode_image(y_hat, seed, (height, width), trace))
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
         hp, wp = self.padded_size(height, width)
@@ -120,15 +130,20 @@ class Codec:
                 raise
             raise StreamError(f"the entropy-coded data is inconsistent with its header: {e}") from e
 
-    def decode_image(self, y_hat: Tensor, seed: int, size: tuple[int, int], trace: Trace = NO_TRACE) -> np.ndarray:
+    def decode_image(self, y_hat: Tensor, seed: int, size: tuple[int, int], trace: Trace = NO_TRACE,
+                     x_T: Tensor | None = None) -> Tensor:
+        """y_hat -> 1 x 3 x H x W float32 in [0, 1], cropped, on the CPU. x_T: the noise, when
+        not drawn from `seed` (golden-data checks give the reference's own)."""
         run = self.backend.run
         with trace("synthesis"):
             (y_c,) = run("synthesis", y_hat)
         with trace("noise"):
-            x_T = torch.from_numpy(gaussian_noise(seed, tuple(y_c.shape)).copy()).to(self.backend.device)
+            if x_T is None:
+                x_T = torch.from_numpy(gaussian_noise(seed, tuple(y_c.shape)).copy())
+            x_T = x_T.to(self.backend.device)
         with trace("denoiser"):
             (y_r,) = run("denoiser", y_c, x_T)
         with trace("vae_decoder"):
             (image,) = run("vae_decoder", y_r)
         with trace("download"):
-            return tensor_to_image(image[:, :, : size[0], : size[1]])
+            return image[:, :, : size[0], : size[1]].float().cpu()

@@ -59,3 +59,27 @@ def cddm_trace(tiny_dir) -> dict[str, torch.Tensor]:
 
 def sub_state_dict(sd: dict[str, torch.Tensor], prefix: str, new_prefix: str = "") -> dict[str, torch.Tensor]:
     return {new_prefix + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir, tiny_config):
+    from osdiff.export.model import OSDiffModel
+
+    return OSDiffModel.load(tiny_dir / "sd21_tiny.ckpt", tiny_dir / "osdiff_tiny.ckpt", tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model, tmp_path_factory):
+    """The tiny reference model exported once for the whole session (fp32 and fp16)."""
+    from osdiff.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny_export")
+    export_onnx(tiny_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_image(tiny_dir):
+    from osdiff.files import read_image
+
+    return read_image(tiny_dir / "input.png")

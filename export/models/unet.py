@@ -59,7 +59,10 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight.float()
         b = self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        # torch.group_norm, not F.group_norm: the latter refuses groups of one value, which the
+        # narrow control module meets at the deepest level of small images (a 64x64 image's
+        # 1x1 bottleneck with one channel per group); the result there is simply the bias.
+        return torch.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def resblock_norm(channels: int) -> GroupNorm32:

@@ -68,6 +68,9 @@ class OnnxRuntimeBackend:
         self.device = torch.device("cpu")  # I/O through host memory; see the module docstring
         self.options = ort.SessionOptions()
         self.options.log_severity_level = 3
+        # ORT's worker threads spin after each run by default; between the twenty small
+        # entropy graphs that spinning starves the coder and the index code of the CPU.
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             self.options.intra_op_num_threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}
