@@ -1,0 +1,100 @@
+"""The command line: what a user types, what they get back, what is left on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from osdiff.cli import main
+from osdiff.files import read_image
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_image):
+    d = tmp_path_factory.mktemp("inputs")
+    Image.fromarray(tiny_image).save(d / "photo.png")
+    Image.fromarray(tiny_image[:100, :150]).save(d / "crop.jpg", quality=90)
+    Image.fromarray(tiny_image[:70, :90, 0]).save(d / "gray.png")
+    rgba = np.concatenate([tiny_image[:64, :64], np.full((64, 64, 1), 128, np.uint8)], axis=2)
+    Image.fromarray(rgba).save(d / "alpha.png")
+    (d / "broken.png").write_text("not an image")
+    return d
+
+
+def test_compress_with_onnxruntime_then_decompress_with_torch(inputs, tiny_export, tiny_dir, tmp_path):
+    names = ["photo.png", "crop.jpg", "gray.png", "alpha.png"]
+    result = run("compress", *(inputs / n for n in names), "-o", tmp_path / "streams", "--engines", tiny_export)
+    assert result.output.count("bpp") == 4 and "[4/4]" in result.output
+    streams = sorted((tmp_path / "streams").glob("*.osd"))
+    assert [s.stem for s in streams] == sorted(n.split(".")[0] for n in names)
+    result = run("decompress", *streams, "-o", tmp_path / "out", "--sd", tiny_dir / "sd21_tiny.ckpt",
+                 "--osdiff", tiny_dir / "osdiff_tiny.ckpt", "--config", tiny_dir / "config.json")
+    for n in names:
+        original, decoded = read_image(inputs / n), read_image(tmp_path / "out" / (n.split(".")[0] + ".png"))
+        assert decoded.shape == original.shape
+
+
+def test_one_bad_file_fails_alone_and_leaves_nothing_behind(inputs, tiny_export, tmp_path):
+    result = run("compress", inputs / "broken.png", inputs / "photo.png", "-o", tmp_path, "--engines", tiny_export, ok=False)
+    assert result.exit_code == 1
+    assert "broken.png: error: " in result.output and "not a readable image" in result.output
+    assert "1 of 2 file(s) failed" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.osd"]
+
+
+def test_a_corrupt_stream_gives_an_error_and_no_image(inputs, tiny_export, tmp_path):
+    run("compress", inputs / "photo.png", "-o", tmp_path / "a.osd", "--engines", tiny_export)
+    data = bytearray((tmp_path / "a.osd").read_bytes())
+    data[40] ^= 0x10
+    (tmp_path / "a.osd").write_bytes(bytes(data))
+    result = run("decompress", tmp_path / "a.osd", "-o", tmp_path / "a.png", "--engines", tiny_export, ok=False)
+    assert result.exit_code == 1 and "error:" in result.output
+    assert not (tmp_path / "a.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.osd"]  # no temporary file left either
+
+
+def test_reference_format(inputs, tiny_export, tiny_dir, tmp_path):
+    run("compress", inputs / "photo.png", "-o", tmp_path / "s.bin", "--format", "reference", "--engines", tiny_export)
+    assert (tmp_path / "s.bin").read_bytes() == (tiny_dir / "stream.bin").read_bytes()
+    assert "needs --size" in run("decompress", tmp_path / "s.bin", "-o", tmp_path / "s.png", "--format", "reference",
+                                 "--engines", tiny_export, ok=False).output
+    run("decompress", tmp_path / "s.bin", "-o", tmp_path / "s.png", "--format", "reference", "--size", "128x192",
+        "--engines", tiny_export)
+    assert read_image(tmp_path / "s.png").shape == (128, 192, 3)
+
+
+def test_usage_errors(inputs, tiny_dir, tmp_path):
+    out = run("compress", inputs / "photo.png", "-o", tmp_path, ok=False).output
+    assert "give --sd and --osdiff" in out
+    out = run("compress", inputs / "photo.png", "-o", tmp_path, "--random-weights", "--sd", tiny_dir / "sd21_tiny.ckpt", ok=False).output
+    assert "takes no checkpoints" in out
+    out = run("compress", inputs / "photo.png", "-o", tmp_path, "--backend", "onnxruntime", ok=False).output
+    assert "needs --engines" in out
+    out = run("export", "--sd", tiny_dir / "osdiff_tiny.ckpt", "--osdiff", tiny_dir / "sd21_tiny.ckpt", "-o", tmp_path, ok=False).output
+    assert "swapped" in out
+
+
+def test_export_command_writes_the_graphs_it_is_asked_for(tiny_dir, tmp_path):
+    result = run("export", "--sd", tiny_dir / "sd21_tiny.ckpt", "--osdiff", tiny_dir / "osdiff_tiny.ckpt",
+                 "--config", tiny_dir / "config.json", "-o", tmp_path, "--only", "analysis", "--only", "synthesis")
+    assert "[1/2] analysis fp32" in result.output and "[2/2] synthesis fp16" in result.output
+    assert sorted(p.name for p in (tmp_path / "fp32").iterdir()) == ["analysis.onnx", "synthesis.onnx"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = run("demo", "-o", tmp_path)
+    assert "weights are RANDOM" in result.output
+    for line in ("bpp", "PSNR", "vae_decoder", "entropy coder"):
+        assert line in result.output
+    for name in ("demo.osd", "input.png", "decoded.png", "onnx/manifest.json"):
+        assert (tmp_path / name).exists()
