@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from osdiff.config import ConfigError, ModelConfig
+from osdiff.engine.profiles import DEFAULT_PROFILE
 from osdiff.export.checkpoint import CheckpointError
 from osdiff.files import ImageError, png_bytes, psnr, read_image, write_atomic
 from osdiff.runtime.coder import StreamError
@@ -280,6 +281,49 @@ def verify_reference(directory: str) -> None:
     click.echo(format_table(checks))
     if not all(c.passed for c in checks):
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Engine directory.")
+@click.option("--profile", "profiles", multiple=True, default=[DEFAULT_PROFILE], show_default=True,
+              metavar="MIN:OPT:MAX", help="Optimization profile over padded image sizes, each BATCHxHEIGHTxWIDTH "
+                                          "(repeatable: one profile each).")
+@click.option("--workspace", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Builder workspace limit, MiB.")
+@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
+              help="Builder optimization level (higher: longer builds, maybe faster engines).")
+@user_errors
+def build(onnx_dir: str, output: str, profiles: tuple[str, ...], workspace: int, opt_level: int) -> None:
+    """Build a TensorRT engine per graph of an `osdiff export` directory (needs TensorRT and a GPU)."""
+    from osdiff.engine.build import build_engines
+    from osdiff.engine.profiles import ShapeProfile
+
+    t0 = time.perf_counter()
+    build_engines(onnx_dir, output, [ShapeProfile.parse(p) for p in profiles], workspace, opt_level, echo=click.echo)
+    click.echo(f"built the engines in {output} in {time.perf_counter() - t0:.0f} s")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--size", default="1x512x768", show_default=True, metavar="BxHxW",
+              help="Padded image size to compare at (batch x height x width).")
+@click.option("--graph", "graphs", multiple=True, help="Compare only these graphs (repeatable).")
+@click.option("--min-psnr", default=40.0, show_default=True, help="Least PSNR per output, dB.")
+@click.option("--atol", default=1e-2, show_default=True, help="Mean absolute error allowed per output...")
+@click.option("--rtol", default=1e-2, show_default=True, help="...unless the mean relative error is within this.")
+@user_errors
+def compare(engine_dir: str, onnx_dir: str, size: str, graphs: tuple[str, ...], min_psnr: float, atol: float,
+            rtol: float) -> None:
+    """Run the TensorRT engines against ONNX Runtime on the fp32 ONNX (Polygraphy's Comparator)."""
+    from osdiff.engine.compare import compare as run_compare
+    from osdiff.engine.profiles import ImageSize
+
+    if not run_compare(engine_dir, onnx_dir, ImageSize.parse(size), list(graphs) or None, min_psnr, atol, rtol,
+                       echo=click.echo):
+        raise click.ClickException("some outputs differ beyond the tolerances")
+    click.echo("all outputs within the tolerances")
 
 
 if __name__ == "__main__":

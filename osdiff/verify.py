@@ -33,10 +33,11 @@ from osdiff.config import ConfigError, ModelConfig
 from osdiff.export.checkpoint import CheckpointError, describe, read_state_dict
 from osdiff.export.model import OSDiffModel
 from osdiff.export.models.lfgcm import unsqueeze_anchor, unsqueeze_nonanchor
-from osdiff.export.models.unet import timestep_embedding
+from osdiff.export.models.unet import Denoiser, timestep_embedding
+from osdiff.export.models.vae import VAEDecoder, VAEEncoder
 from osdiff.files import read_image
 from osdiff.runtime.backends.torch_backend import TorchBackend
-from osdiff.runtime.bitstream import read_reference, write_reference
+from osdiff.runtime.bitstream import write_reference
 from osdiff.runtime.codec import Codec, image_to_tensor, tensor_to_image
 from osdiff.runtime.coder import CdfTables
 from osdiff.runtime.latent_codec import CodedLatent, compress_latent, decompress_latent
@@ -71,8 +72,8 @@ def format_table(checks: list[Check]) -> str:
     num = lambda x: "-" if math.isnan(x) else f"{x:.3g}"  # noqa: E731
     for c in checks:
         shape = "x".join(map(str, c.shape)) or ("-" if math.isnan(c.max_abs_err) else "scalar")
-        line = f"{c.name:<{width}}  {shape:<14} {num(c.max_abs_err):>11} {num(c.max_rel_err):>11}  {'pass' if c.passed else 'FAIL'}"
-        lines.append(line + (f"  {c.note}" if c.note else ""))
+        line = f"{c.name:<{width}}  {shape:<14} {num(c.max_abs_err):>11} {num(c.max_rel_err):>11}  "
+        lines.append(line + ("pass" if c.passed else "FAIL") + (f"  {c.note}" if c.note else ""))
     failed = sum(not c.passed for c in checks)
     lines.append(f"{len(checks)} checks: {len(checks) - failed} passed, {failed} failed")
     return "\n".join(lines)
@@ -98,10 +99,17 @@ def find_checkpoints(directory: Path) -> tuple[Path, Path | None]:
             return found["sd"], found["osdiff"]
     if "combined" in found:
         return found["combined"], None
-    raise CheckpointError(f"no SD 2.1 + OSDiff checkpoint pair and no combined checkpoint ({'; '.join(seen) or 'no .ckpt or .safetensors file'})")
+    listing = "; ".join(seen) or "no .ckpt or .safetensors file"
+    raise CheckpointError(f"no SD 2.1 + OSDiff checkpoint pair and no combined checkpoint ({listing})")
 
 
 class _Verifier:
+    # set by run() once the model has loaded
+    model: OSDiffModel
+    cfg: ModelConfig
+    backend: TorchBackend
+    codec: Codec
+
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.checks: list[Check] = []
@@ -131,14 +139,18 @@ class _Verifier:
         ours = ours if isinstance(ours, Tensor) else torch.from_numpy(np.array(ours))
         self.checks.append(_check(name, ours, golden, passes))
 
-    def same_bytes(self, file: str, ours: bytes, suffix: str = "") -> None:
+    def same_bytes(self, filename: str, ours: bytes) -> None:
         try:
-            golden = self.file(file)
+            golden = self.file(filename)
         except _Missing as e:
-            self.fail(file + suffix, str(e))
+            self.fail(filename, str(e))
             return
-        as_tensor = lambda b: torch.tensor(list(b), dtype=torch.uint8)  # noqa: E731
-        self.checks.append(_check(file + suffix, as_tensor(ours), as_tensor(golden), lambda err, scale: err == 0))
+        if ours == golden:
+            self.checks.append(Check(filename, (len(golden),), 0.0, 0.0, True))
+            return
+        first = next((i for i, (a, b) in enumerate(zip(ours, golden)) if a != b), min(len(ours), len(golden)))
+        note = f"ours {len(ours)} bytes, first difference at byte {first}"
+        self.checks.append(Check(filename, (len(golden),), math.nan, math.nan, False, note))
 
     def pixels(self, ours: Tensor, suffix: str = "") -> None:
         """output.png against our decoded image, both as the reference converts to uint8."""
@@ -160,7 +172,7 @@ class _Verifier:
             self.fail(name, str(e))
             return
         self.covered.add(("symbols", key))
-        self.checks.append(Check(name, (), err, err / m, err < m, f"margin {m:.3g}"))
+        self.checks.append(Check(name, (), err, err / m if m else math.inf, err < m, f"margin {m:.3g}"))
 
     # --- golden data ------------------------------------------------------------------------------
 
@@ -183,19 +195,19 @@ class _Verifier:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        for src, file in SOURCES.items():
-            path = self.dir / file
+        for src, filename in SOURCES.items():
+            path = self.dir / filename
             if not path.is_file():
-                self.fail(file, "missing")
+                self.fail(filename, "missing")
                 continue
             try:
-                if file.endswith(".npz"):
+                if path.suffix == ".npz":
                     with np.load(path) as npz:
                         self.data[src] = {k: torch.from_numpy(npz[k]) for k in npz.files}
                 else:
                     self.data[src] = load_file(str(path))
             except (OSError, ValueError, SafetensorError) as e:
-                self.fail(file, f"unreadable: {e}")
+                self.fail(filename, f"unreadable: {e}")
 
     # --- the run ----------------------------------------------------------------------------------
 
@@ -234,7 +246,9 @@ class _Verifier:
         image = self.get("golden", "image")
         hp, wp = self.codec.padded_size(*image.shape[2:])
         image = F.pad(image, (0, wp - image.shape[3], 0, hp - image.shape[2]))  # zeros, bottom/right, as Codec
-        with _outputs_of({"vae_moments": self.model.stages["vae_encoder"].quant_conv}) as seen:
+        vae = self.model.stages["vae_encoder"]
+        assert isinstance(vae, VAEEncoder)
+        with _outputs_of({"vae_moments": vae.quant_conv}) as seen:
             (y0,) = self.backend.run("vae_encoder", image)
         self.close("golden", "vae_moments", seen["vae_moments"])
         self.close("golden", "y0", y0)
@@ -277,8 +291,10 @@ class _Verifier:
             self.close("symbols", prefix + "scales", scales[0])
         # back to the full layout: each slice's anchor and non-anchor halves interleaved
         anchors, nonanchors = params[0::2], params[1::2]
-        scales_hat, means_hat = (torch.cat([unsqueeze_anchor(a[i]) + unsqueeze_nonanchor(n[i]) for a, n in zip(anchors, nonanchors)], 1)
-                                 for i in (0, 1))
+        scales_hat, means_hat = (
+            torch.cat([unsqueeze_anchor(a[i]) + unsqueeze_nonanchor(n[i]) for a, n in zip(anchors, nonanchors)], 1)
+            for i in (0, 1)
+        )
         self.close("golden", "lfgcm_scales_hat", scales_hat)
         self.close("golden", "lfgcm_means_hat", means_hat)
 
@@ -299,7 +315,8 @@ class _Verifier:
     def decoding(self) -> None:
         m = self.model
         z_hat = self.get("golden", "lfgcm_z_hat")
-        coded = CodedLatent(self.file("z_string.bin"), self.file("y_string.bin"), tuple(z_hat.shape[2:]), [])
+        z_shape = (z_hat.shape[2], z_hat.shape[3])
+        coded = CodedLatent(self.file("z_string.bin"), self.file("y_string.bin"), z_shape, [])
         y_hat = decompress_latent(self.backend, self.cfg, m.entropy_bottleneck, m.gaussian, coded)
         self.close("golden", "lfgcm_y_hat", y_hat, " (decoded)")
         self.exact("symbols", "z_symbols", coded.symbols[0].reshape(z_hat.shape[1:]), " (decoded)")
@@ -320,6 +337,7 @@ class _Verifier:
 
     def denoiser(self) -> None:
         den = self.model.stages["denoiser"]
+        assert isinstance(den, Denoiser)
         x_T, hint, context = (self.get("golden", k) for k in ("x_T", "c_latent", "context"))
         t = torch.full((1,), den.timestep, dtype=torch.long)
         unet, cddm = den.unet, den.control
@@ -353,6 +371,7 @@ class _Verifier:
 
     def vae_decoder(self) -> None:
         vae = self.model.stages["vae_decoder"]
+        assert isinstance(vae, VAEDecoder)
         with _outputs_of({"vae_post_quant": vae.post_quant_conv, "decoded_raw": vae.decoder}) as seen:
             (decoded,) = self.backend.run("vae_decoder", self.get("golden", "y_r"))
         self.close("golden", "vae_post_quant", seen["vae_post_quant"])
@@ -363,6 +382,7 @@ class _Verifier:
 
     def constants(self) -> None:
         d, den = self.cfg.diffusion, self.model.stages["denoiser"]
+        assert isinstance(den, Denoiser)
         # as the reference's SpacedSampler recomputes it: float64 schedule, cast to float32
         betas = torch.linspace(d.linear_start**0.5, d.linear_end**0.5, d.timesteps, dtype=torch.float64) ** 2
         abar = torch.cumprod(1.0 - betas, dim=0)[d.timestep].float()
@@ -379,12 +399,10 @@ class _Verifier:
         self.exact("symbols", "slice_ch", torch.tensor(self.cfg.lfgcm.slice_ch))
 
     def end_to_end(self) -> None:
-        """stream.bin -> pixels, as Codec.decompress_reference does, with the golden noise."""
-        z_shape, y_string, z_string = read_reference(self.file("stream.bin"))
-        m = self.model
-        y_hat = decompress_latent(self.backend, self.cfg, m.entropy_bottleneck, m.gaussian, CodedLatent(z_string, y_string, z_shape, []))
+        """stream.bin -> pixels through Codec.decompress_reference, with the golden noise."""
+        data = self.file("stream.bin")
         image = self.get("golden", "image")
-        decoded = self.codec.decode_image(y_hat, 0, tuple(image.shape[2:]), x_T=self.get("golden", "x_T"))
+        decoded = self.codec.decompress_reference_tensor(data, image.shape[2], image.shape[3], x_T=self.get("golden", "x_T"))
         self.close("golden", "decoded", decoded, " (stream.bin)")
         self.pixels(decoded, " (stream.bin)")
 

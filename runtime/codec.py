@@ -51,19 +51,30 @@ class Codec:
     # --- encode ----------------------------------------------------------------------------
 
     def compress(self, image: np.ndarray, seed: int = 0, trace: Trace = NO_TRACE) -> bytes:
-        height, width = image.shape[:2]
-        coded = self.encode_latent(image, trace)
-        stream = OsdStream(height, width, seed, self.models.fingerprint[:FINGERPRINT_BYTES], coded.z_string, coded.y_string)
-        stream.check = symbol_check(stream.header(), coded.symbols)
-        return stream.to_bytes()
+        return self.compress_batch([image], [seed], trace)[0]
+
+    def compress_batch(self, images: list[np.ndarray], seeds: list[int] | None = None,
+                       trace: Trace = NO_TRACE) -> list[bytes]:
+        """Images of one size: the VAE encoder and G_a run on the batch, the entropy coding
+        per image (each image is its own stream)."""
+        seeds = seeds if seeds is not None else [0] * len(images)
+        out = []
+        for image, seed, coded in zip(images, seeds, self.encode_latents(images, trace)):
+            height, width = image.shape[:2]
+            stream = OsdStream(height, width, seed, self.models.fingerprint[:FINGERPRINT_BYTES], coded.z_string, coded.y_string)
+            stream.check = symbol_check(stream.header(), coded.symbols)
+            out.append(stream.to_bytes())
+        return out
 
     def compress_reference(self, image: np.ndarray, trace: Trace = NO_TRACE) -> bytes:
         """The original implementation's stream format (see decompress_reference)."""
-        coded = self.encode_latent(image, trace)
+        (coded,) = self.encode_latents([image], trace)
         return write_reference(coded.z_shape, coded.y_string, coded.z_string)
 
-    def encode_latent(self, image: np.ndarray, trace: Trace = NO_TRACE) -> CodedLatent:
-        x = image_to_tensor(image)
+    def encode_latents(self, images: list[np.ndarray], trace: Trace = NO_TRACE) -> list[CodedLatent]:
+        if len({im.shape for im in images}) != 1:
+            raise ValueError("a batch needs images of one size")
+        x = torch.cat([image_to_tensor(im) for im in images])
         hp, wp = self.padded_size(*x.shape[2:])
         if hp * wp > self.max_pixels:
             raise ValueError(f"image of {x.shape[2]}x{x.shape[3]} exceeds the {self.max_pixels}-pixel limit")
@@ -76,44 +87,67 @@ class Codec:
         with trace("analysis"):
             y, z = run("analysis", y0)
         m = self.models
-        return compress_latent(self.backend, self.cfg, m.entropy_bottleneck, m.gaussian, y, z, trace)[0]
+        return [compress_latent(self.backend, self.cfg, m.entropy_bottleneck, m.gaussian, y[i : i + 1], z[i : i + 1], trace)[0]
+                for i in range(len(images))]
 
     # --- decode ----------------------------------------------------------------------------
 
     def decompress(self, data: bytes, trace: Trace = NO_TRACE) -> np.ndarray:
         """.osd bytes -> H x W x 3 uint8."""
-        return tensor_to_image(self.decompress_tensor(data, trace))
+        return self.decompress_batch([data], trace)[0]
 
     def decompress_tensor(self, data: bytes, trace: Trace = NO_TRACE) -> Tensor:
         """.osd bytes -> 1 x 3 x H x W float32 in [0, 1], before the uint8 conversion."""
-        with trace("parse"):
-            stream = OsdStream.from_bytes(data)
-        if stream.fingerprint != self.models.fingerprint[:FINGERPRINT_BYTES]:
-            raise StreamError(
-                f"the stream was made with other model weights (fingerprint {stream.fingerprint.hex()}, "
-                f"this model {self.models.fingerprint[:FINGERPRINT_BYTES].hex()})"
-            )
-        hp, wp = self._check_size(stream.height, stream.width)
+        return self._decompress(self._parse([data]), trace)
+
+    def decompress_batch(self, datas: list[bytes], trace: Trace = NO_TRACE) -> list[np.ndarray]:
+        """Streams of one image size: entropy decoding per stream, then G_s, the denoiser and
+        the VAE decoder on the batch."""
+        images = self._decompress(self._parse(datas), trace)
+        return [tensor_to_image(images[i : i + 1]) for i in range(len(datas))]
+
+    def _parse(self, datas: list[bytes]) -> list[OsdStream]:
+        streams = [OsdStream.from_bytes(d) for d in datas]
+        for stream in streams:
+            if stream.fingerprint != self.models.fingerprint[:FINGERPRINT_BYTES]:
+                raise StreamError(
+                    f"the stream was made with other model weights (fingerprint {stream.fingerprint.hex()}, "
+                    f"this model {self.models.fingerprint[:FINGERPRINT_BYTES].hex()})"
+                )
+            self._check_size(stream.height, stream.width)
+        if len({(s.height, s.width) for s in streams}) != 1:
+            raise ValueError("a batch needs streams of one image size")
+        return streams
+
+    def _decompress(self, streams: list[OsdStream], trace: Trace) -> Tensor:
         f = self.cfg.pad_multiple
-        coded = CodedLatent(stream.z_string, stream.y_string, (hp // f, wp // f), [])
-        y_hat = self._decode_latent(coded, trace)
-        if symbol_check(stream.header(), coded.symbols) != stream.check:
-            raise StreamError(
-                "check value mismatch: the stream is corrupt, or this decoder derived entropy-model "
-                "indexes differently from the encoder (another backend or precision)"
-            )
-        return self.decode_image(y_hat, stream.seed, (stream.height, stream.width), trace)
+        hp, wp = self.padded_size(streams[0].height, streams[0].width)
+        y_hats = []
+        for stream in streams:
+            coded = CodedLatent(stream.z_string, stream.y_string, (hp // f, wp // f), [])
+            y_hats.append(self._decode_latent(coded, trace))
+            if symbol_check(stream.header(), coded.symbols) != stream.check:
+                raise StreamError(
+                    "check value mismatch: the stream is corrupt, or this decoder derived entropy-model "
+                    "indexes differently from the encoder (another backend or precision)"
+                )
+        size = (streams[0].height, streams[0].width)
+        return self.decode_image(torch.cat(y_hats), [s.seed for s in streams], size, trace)
 
     def decompress_reference(self, data: bytes, height: int, width: int, seed: int = 0, trace: Trace = NO_TRACE) -> np.ndarray:
         """The original implementation's stream format, which stores no image size (the user
         gives it), no seed and no check value (a desynchronized decode cannot be detected)."""
+        return tensor_to_image(self.decompress_reference_tensor(data, height, width, seed, trace))
+
+    def decompress_reference_tensor(self, data: bytes, height: int, width: int, seed: int = 0,
+                                    trace: Trace = NO_TRACE, x_T: Tensor | None = None) -> Tensor:
         z_shape, y_string, z_string = read_reference(data)
         hp, wp = self._check_size(height, width)
         f = self.cfg.pad_multiple
         if z_shape != (hp // f, wp // f):
             raise StreamError(f"the stream's z shape {z_shape} does not fit a {height}x{width} image")
         y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace)
-        return tensor_to_image(self.decode_image(y_hat, seed, (height, width), trace))
+        return self.decode_image(y_hat, seed, (height, width), trace, x_T)
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
         hp, wp = self.padded_size(height, width)
@@ -130,16 +164,18 @@ class Codec:
                 raise
             raise StreamError(f"the entropy-coded data is inconsistent with its header: {e}") from e
 
-    def decode_image(self, y_hat: Tensor, seed: int, size: tuple[int, int], trace: Trace = NO_TRACE,
+    def decode_image(self, y_hat: Tensor, seed: int | list[int], size: tuple[int, int], trace: Trace = NO_TRACE,
                      x_T: Tensor | None = None) -> Tensor:
-        """y_hat -> 1 x 3 x H x W float32 in [0, 1], cropped, on the CPU. x_T: the noise, when
-        not drawn from `seed` (golden-data checks give the reference's own)."""
+        """y_hat (B images) -> B x 3 x H x W float32 in [0, 1], cropped, on the CPU. seed: one
+        per image; x_T: the noise, when not drawn from the seeds (golden-data checks give the
+        reference's own)."""
         run = self.backend.run
         with trace("synthesis"):
             (y_c,) = run("synthesis", y_hat)
         with trace("noise"):
             if x_T is None:
-                x_T = torch.from_numpy(gaussian_noise(seed, tuple(y_c.shape)).copy())
+                seeds = [seed] if isinstance(seed, int) else seed
+                x_T = torch.from_numpy(np.concatenate([gaussian_noise(s, (1, *y_c.shape[1:])) for s in seeds]))
             x_T = x_T.to(self.backend.device)
         with trace("denoiser"):
             (y_r,) = run("denoiser", y_c, x_T)

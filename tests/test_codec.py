@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from osdiff.config import ModelConfig
 from osdiff.export.model import OSDiffModel

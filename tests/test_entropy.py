@@ -95,7 +95,7 @@ def test_y_string_is_byte_exact_and_decodes_round_by_round(gaussian, symbols, ti
     reference = (tiny_dir / "y_string.bin").read_bytes()
     assert enc.flush() == reference
     dec = Decoder(reference, gaussian.tables, total_symbols=1536)
-    out, start = [], 0
+    out = []
     for k, c in enumerate((2, 6, 8)):
         for half in ("anchor", "nonanchor"):
             idx = symbols[f"slice{k}_{half}_indexes"]
