@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+import numpy as np
 
 from osdiff.config import ConfigError, ModelConfig
 from osdiff.engine.profiles import DEFAULT_PROFILE
@@ -266,6 +267,60 @@ def demo(output: str, image: str | None) -> None:
             click.echo(f"  {name:<28}{ms:9.1f} ms")
     click.echo(f"\nwrote {out / 'demo.osd'}, {out / 'input.png'}, {out / 'decoded.png'} and the ONNX export "
                f"in {out / 'onnx'} ({time.perf_counter() - t_start:.0f} s in all)")
+
+
+@main.command()
+@click.option("--backend", type=click.Choice(["torch", "torch-cuda", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True, help="torch-cuda: fp16 heavy stages, channels_last and CUDA graphs on the GPU.")
+@click.option("--engines", type=click.Path(exists=True, file_okay=False), help="Export (onnxruntime) or engine (tensorrt) directory.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: fp16 for torch-cuda, else fp32.")
+@click.option("--size", default="512x768", show_default=True, help="HxW of the image.")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--runs", default=50, show_default=True)
+@click.option("--image", type=_file, default=None, help="Image to resize to --size (default: the bundled one).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Write the last run as a Chrome trace.")
+@checkpoint_options
+@user_errors
+def profile(backend: str, engines: str | None, provider: str, precision: str | None, size: str, batch: int,
+            warmup: int, runs: int, image: str | None, json_path: str | None, trace_path: str | None,
+            **checkpoints: Any) -> None:
+    """Per-stage latency (median, p90, min) and end-to-end encode/decode, bytes to pixels."""
+    import json
+
+    from PIL import Image
+
+    from osdiff.runtime.codec import Codec
+    from osdiff.runtime.profiler import profile as run_profile
+
+    try:
+        height, width = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise click.UsageError(f"--size must be HxW, got {size!r}") from None
+    if checkpoints["random_weights"] and checkpoints["config"] is None:
+        checkpoints["config"] = "full"
+    if backend == "torch-cuda":
+        from osdiff.runtime.backends.torch_backend import TorchBackend
+
+        half = (precision or "fp16") == "fp16"
+        be: Backend = TorchBackend(load_model(**checkpoints), device="cuda", half=half, channels_last=half, cuda_graphs=True)
+    else:
+        be = open_backend(backend, engines, "cpu", precision or "fp32", provider, **checkpoints)
+    if image is None:
+        with resources.as_file(resources.files("osdiff") / "assets" / "demo.png") as bundled:
+            pixels = read_image(bundled)
+    else:
+        pixels = read_image(image)
+    pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BICUBIC))
+    click.echo(f"profiling {backend}: {warmup} warm-up and {runs} measured runs ...", err=True)
+    result = run_profile(Codec(be), [pixels] * batch, warmup=warmup, runs=runs, backend_name=backend)
+    click.echo(result.table())
+    if json_path:
+        write_atomic(json_path, json.dumps(result.to_json(), indent=1).encode())
+    if trace_path:
+        write_atomic(trace_path, json.dumps(result.chrome_trace()).encode())
 
 
 @main.command("verify-reference")

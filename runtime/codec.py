@@ -29,7 +29,7 @@ def image_to_tensor(image: np.ndarray) -> Tensor:
     reference)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    return torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float() / 255.0
 
 
 def tensor_to_image(x: Tensor) -> np.ndarray:

@@ -193,7 +193,7 @@ class Decoder:
             return np.zeros(0, dtype=np.int32)
         t = self._tables
         out = self._decoder.decode_stream(indexes.tolist(), t.cdfs[:top], t.lengths[:top], t.offsets[:top])
-        symbols = np.fromiter(out, dtype=np.int64, count=indexes.size)
-        if int(np.abs(symbols).max()) > MAX_ABS_SYMBOL:
+        symbols = np.fromiter(out, dtype=np.int32, count=indexes.size)
+        if symbols.min() < -MAX_ABS_SYMBOL or symbols.max() > MAX_ABS_SYMBOL:
             raise StreamError("entropy-coded string is corrupt (decoded an impossible value)")
-        return symbols.astype(np.int32)
+        return symbols

@@ -65,28 +65,31 @@ def compress_latent(
             out = runner.run(f"entropy_anchor_{k}", hyper, *([torch.cat(y_hat_slices, 1)] if k else []))
         scales, means = out[0], out[1]
         channel_ctx = out[2] if k else None
-        anchor_hat = unsqueeze_anchor(_code(encoder, gaussian, squeeze_anchor(y_k), scales, means, symbols, trace, k, "anchor"))
+        anchor_hat = _code(encoder, gaussian, y_k, scales, means, symbols, trace, k, "anchor")
         with trace(f"slice{k}.nonanchor.network"):
             scales, means = runner.run(f"entropy_nonanchor_{k}", anchor_hat, hyper, *([channel_ctx] if k else []))
-        nonanchor_hat = unsqueeze_nonanchor(_code(encoder, gaussian, squeeze_nonanchor(y_k), scales, means, symbols, trace, k, "nonanchor"))
-        y_hat_slices.append(anchor_hat + nonanchor_hat)
+        y_hat_slices.append(_code(encoder, gaussian, y_k, scales, means, symbols, trace, k, "nonanchor", anchor_hat))
     with trace("y_coding"):
         y_string = encoder.flush()
     return CodedLatent(z_string, y_string, (z.shape[2], z.shape[3]), symbols), torch.cat(y_hat_slices, 1)
 
 
-def _code(encoder: Encoder, gaussian: GaussianConditional, values: Tensor, scales: Tensor, means: Tensor,
-          symbols: list[np.ndarray], trace: Trace, k: int, half: str) -> Tensor:
+def _code(encoder: Encoder, gaussian: GaussianConditional, y_k: Tensor, scales: Tensor, means: Tensor,
+          symbols: list[np.ndarray], trace: Trace, k: int, half: str, anchor_hat: Tensor | None = None) -> Tensor:
+    """One round, the mirror of _decode: returns what the decoder will reconstruct."""
     with trace(f"slice{k}.{half}.index"):
+        values = squeeze_anchor(y_k) if anchor_hat is None else squeeze_nonanchor(y_k)
+        if not torch.isfinite(values).all():
+            raise ValueError("the latent y is not finite")
         q = torch.round(values - means)
         sym = q.to(torch.int32).cpu().numpy().reshape(-1)
         idx = gaussian.build_indexes(scales).to(torch.uint8).cpu().numpy().reshape(-1)
-    if not torch.isfinite(values).all():
-        raise ValueError("the latent y is not finite")
     with trace(f"slice{k}.{half}.coder"):
         encoder.encode(sym, idx, gaussian.tables)
-    symbols.append(sym)
-    return q + means
+    with trace(f"slice{k}.{half}.index"):
+        symbols.append(sym)
+        values = q + means
+        return unsqueeze_anchor(values) if anchor_hat is None else anchor_hat + unsqueeze_nonanchor(values)
 
 
 def decompress_latent(
@@ -99,7 +102,8 @@ def decompress_latent(
     with trace("hyper_synthesis"):
         (hyper,) = runner.run("hyper_synthesis", z_hat.to(runner.device))
     h, w = hyper.shape[2], hyper.shape[3]
-    decoder = Decoder(coded.y_string, gaussian.tables, cfg.lfgcm.M * h * w)
+    with trace("y_coding"):
+        decoder = Decoder(coded.y_string, gaussian.tables, cfg.lfgcm.M * h * w)
     coded.symbols = [z_symbols.reshape(-1)]
     y_hat_slices: list[Tensor] = []
     for k, lo, hi in _rounds(cfg):
@@ -107,21 +111,23 @@ def decompress_latent(
             out = runner.run(f"entropy_anchor_{k}", hyper, *([torch.cat(y_hat_slices, 1)] if k else []))
         scales, means = out[0], out[1]
         channel_ctx = out[2] if k else None
-        anchor_hat = unsqueeze_anchor(_decode(decoder, gaussian, scales, means, coded.symbols, trace, k, "anchor"))
+        anchor_hat = _decode(decoder, gaussian, scales, means, coded.symbols, trace, k, "anchor")
         with trace(f"slice{k}.nonanchor.network"):
             scales, means = runner.run(f"entropy_nonanchor_{k}", anchor_hat, hyper, *([channel_ctx] if k else []))
-        nonanchor_hat = unsqueeze_nonanchor(_decode(decoder, gaussian, scales, means, coded.symbols, trace, k, "nonanchor"))
-        y_hat_slices.append(anchor_hat + nonanchor_hat)
+        y_hat = _decode(decoder, gaussian, scales, means, coded.symbols, trace, k, "nonanchor", anchor_hat)
+        y_hat_slices.append(y_hat)
     return torch.cat(y_hat_slices, 1)
 
 
 def _decode(decoder: Decoder, gaussian: GaussianConditional, scales: Tensor, means: Tensor,
-            symbols: list[np.ndarray], trace: Trace, k: int, half: str) -> Tensor:
+            symbols: list[np.ndarray], trace: Trace, k: int, half: str, anchor_hat: Tensor | None = None) -> Tensor:
+    """One round: the half's values in the full layout (anchors), or the whole decoded slice
+    (non-anchors, added to `anchor_hat`)."""
     with trace(f"slice{k}.{half}.index"):
         idx = gaussian.build_indexes(scales).to(torch.uint8).cpu().numpy().reshape(-1)
     with trace(f"slice{k}.{half}.coder"):
         sym = decoder.decode(idx)
     with trace(f"slice{k}.{half}.index"):
         symbols.append(sym)
-        values = torch.from_numpy(sym).to(means.device, non_blocking=True).view(means.shape)
-        return values.to(means.dtype) + means
+        values = torch.from_numpy(sym).to(means.device, non_blocking=True).view(means.shape).to(means.dtype) + means
+        return unsqueeze_anchor(values) if anchor_hat is None else anchor_hat + unsqueeze_nonanchor(values)
