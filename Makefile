@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test typecheck bench clean
 
-$(VENV)/.installed: pyproject.toml ci/constraints.txt
+$(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c ci/constraints.txt -e ".[test]"
 	# Type stubs of the TensorRT 10.13 Python API; --no-deps because its metadata asks for
 	# the real tensorrt, which PyPI only has as a stub that downloads from NVIDIA.
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
+	$(BIN)/python ci/tensorrt_stubs.py
 	touch $@
 
 install: $(VENV)/.installed

@@ -169,17 +169,25 @@ class Codec:
         """y_hat (B images) -> B x 3 x H x W float32 in [0, 1], cropped, on the CPU. seed: one
         per image; x_T: the noise, when not drawn from the seeds (golden-data checks give the
         reference's own)."""
-        run = self.backend.run
-        with trace("synthesis"):
-            (y_c,) = run("synthesis", y_hat)
+        b, _, h, w = y_hat.shape
         with trace("noise"):
             if x_T is None:
-                seeds = [seed] if isinstance(seed, int) else seed
-                x_T = torch.from_numpy(np.concatenate([gaussian_noise(s, (1, *y_c.shape[1:])) for s in seeds]))
+                seeds = [seed] * b if isinstance(seed, int) else seed
+                # the latent y_c that G_s makes is twice y's resolution
+                shape = (1, self.cfg.vae.embed_dim, 2 * h, 2 * w)
+                x_T = torch.from_numpy(np.concatenate([gaussian_noise(s, shape) for s in seeds]))
             x_T = x_T.to(self.backend.device)
-        with trace("denoiser"):
-            (y_r,) = run("denoiser", y_c, x_T)
-        with trace("vae_decoder"):
-            (image,) = run("vae_decoder", y_r)
+        decode_tail = getattr(self.backend, "decode_tail", None)
+        if decode_tail is not None:  # the backend runs the three stages as one CUDA graph
+            with trace("synthesis+denoiser+vae_decoder"):
+                image = decode_tail(y_hat, x_T)
+        else:
+            run = self.backend.run
+            with trace("synthesis"):
+                (y_c,) = run("synthesis", y_hat)
+            with trace("denoiser"):
+                (y_r,) = run("denoiser", y_c, x_T)
+            with trace("vae_decoder"):
+                (image,) = run("vae_decoder", y_r)
         with trace("download"):
             return image[:, :, : size[0], : size[1]].float().cpu()

@@ -37,3 +37,8 @@ class Backend(Protocol):
         """Run one graph; inputs and outputs are float32 tensors on `device`, in the order
         export/model.py gives."""
         ...
+
+
+# A backend may also offer `decode_tail(y_hat, x_T) -> image`: synthesis, denoiser and
+# vae_decoder in one call (the TensorRT backend replays them as one CUDA graph); the codec
+# uses it when present.

@@ -99,7 +99,8 @@ class GraphEngine:
 
     def binding(self, inputs: Sequence[Tensor]) -> Binding:
         if len(inputs) != len(self.inputs):
-            raise ValueError(f"{self.name} takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(inputs)}")
+            raise ValueError(f"{self.name} takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), "
+                             f"got {len(inputs)}")
         size = image_size(self.shapes, {n: tuple(x.shape) for n, x in zip(self.inputs, inputs)})
         if size not in self.bindings:
             profile = next((i for i, p in enumerate(self.profiles) if p.covers(size)), None)
@@ -109,7 +110,8 @@ class GraphEngine:
                                   f"holds images of {size}; rebuild with one that does: {command}")
 
             def buffers(names: list[str]) -> list[Tensor]:
-                return [torch.empty(resolve(self.shapes[n], size), dtype=torch.float32, device=self.device) for n in names]
+                return [torch.empty(resolve(self.shapes[n], size), dtype=torch.float32, device=self.device)
+                        for n in names]
 
             self.bindings[size] = Binding(size, profile, buffers(self.inputs), buffers(self.outputs))
         return self.bindings[size]
