@@ -98,16 +98,17 @@ class Codec:
 
     def decompress_tensor(self, data: bytes, trace: Trace = NO_TRACE) -> Tensor:
         """.osd bytes -> 1 x 3 x H x W float32 in [0, 1], before the uint8 conversion."""
-        return self._decompress(self._parse([data]), trace)
+        return self._decompress(self._parse([data], trace), trace)
 
     def decompress_batch(self, datas: list[bytes], trace: Trace = NO_TRACE) -> list[np.ndarray]:
         """Streams of one image size: entropy decoding per stream, then G_s, the denoiser and
         the VAE decoder on the batch."""
-        images = self._decompress(self._parse(datas), trace)
+        images = self._decompress(self._parse(datas, trace), trace)
         return [tensor_to_image(images[i : i + 1]) for i in range(len(datas))]
 
-    def _parse(self, datas: list[bytes]) -> list[OsdStream]:
-        streams = [OsdStream.from_bytes(d) for d in datas]
+    def _parse(self, datas: list[bytes], trace: Trace) -> list[OsdStream]:
+        with trace("parse"):
+            streams = [OsdStream.from_bytes(d) for d in datas]
         for stream in streams:
             if stream.fingerprint != self.models.fingerprint[:FINGERPRINT_BYTES]:
                 raise StreamError(

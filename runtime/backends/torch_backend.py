@@ -27,6 +27,10 @@ class _Captured:
 
 
 class TorchBackend:
+    """Runs the model's graphs. It moves the model's stages to `device` (and casts the heavy
+    ones to fp16 with `half`) in place rather than copying 4 GB: give each backend its own
+    OSDiffModel unless they share device and precision."""
+
     name = "torch"
 
     def __init__(self, model: OSDiffModel, device: str | torch.device = "cpu", half: bool = False,
