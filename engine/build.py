@@ -28,7 +28,7 @@ from osdiff.engine.manifest import MODEL_DIR, TIMING_CACHE, EngineError, EngineM
 from osdiff.engine.prepare import prepare_onnx
 from osdiff.engine.profiles import ShapeProfile
 from osdiff.files import write_atomic
-from osdiff.runtime.backends.onnxruntime_backend import load_export
+from osdiff.export.onnx_export import load_export
 
 if TYPE_CHECKING:
     import tensorrt as trt

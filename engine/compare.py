@@ -24,7 +24,7 @@ from polygraphy.comparator import Comparator, PsnrCompareFunc, SimpleCompareFunc
 
 from osdiff.engine.profiles import Dims, ImageSize, resolve
 from osdiff.runtime.backends.base import Backend
-from osdiff.runtime.backends.onnxruntime_backend import load_export
+from osdiff.export.onnx_export import load_export
 from osdiff.runtime.backends.tensorrt_backend import TensorRTBackend
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from osdiff.engine.profiles import ShapeProfile
-from osdiff.files import write_atomic
+from osdiff.files import read_manifest, write_atomic
 
 FORMAT = "osdiff-tensorrt"
 FORMAT_VERSION = 1
@@ -67,13 +67,7 @@ class EngineManifest:
     @staticmethod
     def read(directory: str | Path) -> "EngineManifest":
         d = Path(directory)
-        try:
-            data = json.loads((d / "manifest.json").read_text())
-        except (OSError, ValueError) as e:
-            raise EngineError(f"{d}: not an osdiff engine directory (no readable manifest.json): {e}") from e
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-            raise EngineError(f"{d}: manifest format {data.get('format')} v{data.get('format_version')} is not "
-                              f"{FORMAT} v{FORMAT_VERSION}; rebuild the engines with `osdiff build`")
+        data = read_manifest(d, FORMAT, FORMAT_VERSION, EngineError, "rebuild the engines with `osdiff build`")
         try:
             fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
             return EngineManifest(**{**fields, "gpu": Gpu(**fields["gpu"])})

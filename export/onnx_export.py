@@ -26,12 +26,15 @@ from pathlib import Path
 
 import onnx
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from osdiff.calibration.precision import FP16_GRAPHS, FP16_ISLANDS
 from osdiff.config import ModelConfig
 from osdiff.export.model import OSDiffModel, graph_shapes
+from osdiff.files import read_manifest
+from osdiff.runtime.backends.base import EntropyModels
+from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional
 
 OPSET = 18
 FORMAT = "osdiff-onnx"
@@ -152,3 +155,20 @@ def _sha256(path: Path) -> str:
 def _size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+class ExportError(ValueError):
+    """An export directory is missing, incomplete, or does not match this build."""
+
+
+def load_export(directory: str | Path) -> tuple[dict, EntropyModels]:
+    """Read and check an export directory's manifest; rebuild the entropy models from it."""
+    d = Path(directory)
+    manifest = read_manifest(d, FORMAT, FORMAT_VERSION, ExportError, "re-export with `osdiff export`")
+    cfg = ModelConfig.from_dict(manifest["model"]["config"])
+    ent = manifest["entropy"]
+    eb = EntropyBottleneck(load_file(str(d / ent["bottleneck"]["params_file"])), cfg.entropy.precision)
+    if eb.tables.cdfs != ent["bottleneck"]["cdfs"] or eb.tables.offsets != ent["bottleneck"]["offsets"]:
+        raise ExportError(f"{d}: the entropy bottleneck tables in manifest.json do not match its parameters")
+    models = EntropyModels(cfg, eb, GaussianConditional(cfg.entropy), bytes.fromhex(manifest["model"]["fingerprint"]))
+    return manifest, models

@@ -7,9 +7,11 @@ a failure or an interrupted run never leaves a partial file under the final name
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -54,3 +56,16 @@ def png_bytes(image: np.ndarray) -> bytes:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def read_manifest(directory: str | Path, fmt: str, version: int, error: type[Exception], remedy: str) -> dict[str, Any]:
+    """A directory's manifest.json, checked to be of format `fmt` at `version`."""
+    d = Path(directory)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{d}: not an {fmt} directory (no readable manifest.json): {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt or manifest.get("format_version") != version:
+        got = f"{manifest.get('format')} v{manifest.get('format_version')}" if isinstance(manifest, dict) else "unknown"
+        raise error(f"{d}: manifest format {got} is not {fmt} v{version}; {remedy}")
+    return manifest

@@ -145,7 +145,7 @@ def test_manifest_round_trips(manifest, tmp_path):
 
 
 def test_manifest_read_errors(tmp_path):
-    with pytest.raises(EngineError, match="not an osdiff engine directory"):
+    with pytest.raises(EngineError, match="not an osdiff-tensorrt directory"):
         EngineManifest.read(tmp_path)
     (tmp_path / "manifest.json").write_text('{"format": "osdiff-onnx", "format_version": 1}')
     with pytest.raises(EngineError, match="is not osdiff-tensorrt v1"):

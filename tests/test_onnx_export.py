@@ -10,7 +10,8 @@ import torch
 
 from osdiff.calibration.precision import FP16_GRAPHS
 from osdiff.export.model import graph_shapes
-from osdiff.runtime.backends.onnxruntime_backend import ExportError, OnnxRuntimeBackend, load_export
+from osdiff.export.onnx_export import ExportError, load_export
+from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from osdiff.runtime.backends.torch_backend import TorchBackend
 
 SIZES = [(128, 192), (192, 64)]  # two resolutions, neither the one traced at export

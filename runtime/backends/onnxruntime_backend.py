@@ -7,48 +7,20 @@ Sessions are created lazily, on a graph's first run, so a decoder never pays for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from osdiff.config import ModelConfig
-from osdiff.export.onnx_export import FORMAT, FORMAT_VERSION
-from osdiff.runtime.backends.base import EntropyModels
-from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional
+from osdiff.export.onnx_export import ExportError, load_export
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-
-
-class ExportError(ValueError):
-    """An export directory is missing, incomplete, or does not match this build."""
-
-
-def load_export(directory: str | Path) -> tuple[dict, EntropyModels]:
-    """Read and check an export directory's manifest; rebuild the entropy models from it."""
-    d = Path(directory)
-    try:
-        manifest = json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{d}: not an osdiff export directory (no readable manifest.json): {e}") from e
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{d}: manifest format {manifest.get('format')} v{manifest.get('format_version')} "
-                          f"is not {FORMAT} v{FORMAT_VERSION}; re-export with `osdiff export`")
-    cfg = ModelConfig.from_dict(manifest["model"]["config"])
-    ent = manifest["entropy"]
-    eb = EntropyBottleneck(load_file(str(d / ent["bottleneck"]["params_file"])), cfg.entropy.precision)
-    if eb.tables.cdfs != ent["bottleneck"]["cdfs"] or eb.tables.offsets != ent["bottleneck"]["offsets"]:
-        raise ExportError(f"{d}: the entropy bottleneck tables in manifest.json do not match its parameters")
-    models = EntropyModels(cfg, eb, GaussianConditional(cfg.entropy), bytes.fromhex(manifest["model"]["fingerprint"]))
-    return manifest, models
 
 
 class OnnxRuntimeBackend:

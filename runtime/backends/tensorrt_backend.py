@@ -50,7 +50,7 @@ from torch import Tensor
 from osdiff.engine.environment import current_gpu, tensorrt_version
 from osdiff.engine.manifest import MODEL_DIR, EngineError, EngineManifest
 from osdiff.engine.profiles import ImageSize, ShapeProfile, image_size, resolve
-from osdiff.runtime.backends.onnxruntime_backend import load_export
+from osdiff.export.onnx_export import load_export
 
 if TYPE_CHECKING:
     import tensorrt as trt
