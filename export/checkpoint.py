@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import zipfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,11 +293,7 @@ def _report(cfg: ModelConfig, missing: list[str], unexpected: list[str], misshap
     for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped), ("other", problems)):
         if items:
             lines.append(f"  {len(items)} {title} key(s):")
-            lines.extend(f"    {x}" for x in _first(items, 20))
+            lines.extend(f"    {x}" for x in items[:20])
             if len(items) > 20:
                 lines.append(f"    ... and {len(items) - 20} more")
     return "\n".join(lines)
-
-
-def _first(items: Iterable[str], n: int) -> list[str]:
-    return list(items)[:n]
