@@ -32,13 +32,14 @@ def scale_table(cfg: EntropyConfig) -> torch.Tensor:
 
 def scale_indexes(scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the Gaussian CDF for each scale: the smallest k with scale <= table[k], capped.
+    `table` lives on the scales' device.
 
     The same index for every input as compressai's build_indexes (lower-bound the scale to
     table[0], then subtract one per table entry >= the scale), in one bucketize instead of 63
     passes. NaN maps to the last table, as it does there.
     """
     scales = torch.nan_to_num(scales.float(), nan=math.inf).clamp_min(table[0])
-    return torch.bucketize(scales, table[:-1].to(scales.device), right=False).to(torch.int32)
+    return torch.bucketize(scales, table[:-1], right=False).to(torch.int32)
 
 
 class GaussianConditional:
@@ -46,9 +47,12 @@ class GaussianConditional:
         self.cfg = cfg
         self.scale_table = scale_table(cfg)
         self.tables = gaussian_tables(self.scale_table, cfg.tail_mass, cfg.precision)
+        self._table_on: dict[torch.device, torch.Tensor] = {}  # the scale table per device, copied once
 
     def build_indexes(self, scales: torch.Tensor) -> torch.Tensor:
-        return scale_indexes(scales, self.scale_table.to(scales.device))
+        if scales.device not in self._table_on:
+            self._table_on[scales.device] = self.scale_table.to(scales.device)
+        return scale_indexes(scales, self._table_on[scales.device])
 
 
 def gaussian_tables(table: torch.Tensor, tail_mass: float = 1e-9, precision: int = 16) -> CdfTables:
