@@ -97,7 +97,7 @@ def stages(p: Profile, which: str) -> dict[str, float]:
     """Median ms per stage bucket (the twenty entropy rounds summed into network/index/coder)."""
     out: dict[str, float] = {}
     for name, s in (p.encode_stages if which == "encode" else p.decode_stages).items():
-        key = "entropy " + name.rsplit(".", 1)[1] if name.startswith(("slice", "tables", "set_stream")) else stage_of(name)
+        key = stage_of(name)
         out[key] = out.get(key, 0.0) + s.median
     return out
 

@@ -104,14 +104,6 @@ class CdfTables:
     def lengths(self) -> list[int]:
         return [len(c) for c in self.cdfs]
 
-    @staticmethod
-    def from_padded(cdf: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> "CdfTables":
-        cdf = np.asarray(cdf)
-        return CdfTables(
-            cdfs=[cdf[i, : int(n)].astype(np.int64).tolist() for i, n in enumerate(np.asarray(lengths))],
-            offsets=np.asarray(offsets).astype(np.int64).tolist(),
-        )
-
     def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cdf rows zero-padded to the longest, lengths, offsets) as int32 arrays."""
         width = max(self.lengths)
@@ -138,6 +130,7 @@ class Encoder:
         self._symbols: list[np.ndarray] = []
         self._indexes: list[np.ndarray] = []
         self._tables: CdfTables | None = None
+        self._top = 0  # one past the largest index seen: the coder only gets the rows it needs
         self.count = 0
 
     def encode(self, symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> None:
@@ -149,7 +142,7 @@ class Encoder:
             raise ValueError("one string is coded with one set of tables")
         if symbols.size and int(np.abs(symbols).max()) > MAX_ABS_SYMBOL:
             raise ValueError("latent value out of range (not finite, or the model is broken)")
-        _check_indexes(indexes, tables)
+        self._top = max(self._top, _check_indexes(indexes, tables) + 1)
         self._tables = tables
         self._symbols.append(symbols)
         self._indexes.append(indexes)
@@ -161,8 +154,7 @@ class Encoder:
         pad = max(0, MIN_SYMBOLS - self.count)
         symbols = np.concatenate(self._symbols + [np.zeros(pad, np.int32)])
         indexes = np.concatenate(self._indexes + [np.zeros(pad, np.int32)])
-        t = self._tables
-        top = _check_indexes(indexes, t) + 1
+        t, top = self._tables, max(self._top, 1)  # the padding symbols use index 0
         encoder = ans.BufferedRansEncoder()
         encoder.encode_with_indexes(symbols.tolist(), indexes.tolist(), t.cdfs[:top], t.lengths[:top], t.offsets[:top])
         return bytes(encoder.flush())

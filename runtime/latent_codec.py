@@ -15,7 +15,6 @@ decoder that derived one index differently fail instead of returning a wrong ima
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,15 +22,10 @@ from torch import Tensor
 
 from osdiff.config import ModelConfig
 from osdiff.export.models.lfgcm import squeeze_anchor, squeeze_nonanchor, unsqueeze_anchor, unsqueeze_nonanchor
+from osdiff.runtime.backends.base import GraphRunner
 from osdiff.runtime.coder import Decoder, Encoder
 from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional
 from osdiff.runtime.profiling import NO_TRACE, Trace
-
-
-class GraphRunner(Protocol):
-    device: torch.device
-
-    def run(self, name: str, *inputs: Tensor) -> tuple[Tensor, ...]: ...
 
 
 @dataclass
@@ -40,11 +34,6 @@ class CodedLatent:
     y_string: bytes
     z_shape: tuple[int, int]
     symbols: list[np.ndarray]  # coding order: z, then every (slice, half)
-
-
-def _rounds(cfg: ModelConfig) -> list[tuple[int, int, int]]:
-    """(slice, first channel, last channel) per slice."""
-    return [(k, lo, hi) for k, (lo, hi) in enumerate(cfg.lfgcm.slice_ranges)]
 
 
 def compress_latent(
@@ -59,7 +48,7 @@ def compress_latent(
     encoder = Encoder()
     symbols = [z_symbols]
     y_hat_slices: list[Tensor] = []
-    for k, lo, hi in _rounds(cfg):
+    for k, (lo, hi) in enumerate(cfg.lfgcm.slice_ranges):
         y_k = y[:, lo:hi]
         with trace(f"slice{k}.anchor.network"):
             out = runner.run(f"entropy_anchor_{k}", hyper, *([torch.cat(y_hat_slices, 1)] if k else []))
@@ -106,7 +95,7 @@ def decompress_latent(
         decoder = Decoder(coded.y_string, gaussian.tables, cfg.lfgcm.M * h * w)
     coded.symbols = [z_symbols.reshape(-1)]
     y_hat_slices: list[Tensor] = []
-    for k, lo, hi in _rounds(cfg):
+    for k in range(len(cfg.lfgcm.slice_ch)):
         with trace(f"slice{k}.anchor.network"):
             out = runner.run(f"entropy_anchor_{k}", hyper, *([torch.cat(y_hat_slices, 1)] if k else []))
         scales, means = out[0], out[1]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from osdiff.runtime.codec import Codec
-from osdiff.runtime.profiling import Span, Trace
+from osdiff.runtime.profiling import Span, Trace, per_stage
 
 
 @dataclass
@@ -90,14 +90,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _per_stage(spans: list[Span]) -> dict[str, float]:
-    """Milliseconds per span name, summed (a name appears once per entropy round half)."""
-    out: dict[str, float] = {}
-    for s in spans:
-        out[s.name] = out.get(s.name, 0.0) + s.duration_ms
-    return out
-
-
 def profile(codec: Codec, images: list[np.ndarray], warmup: int = 5, runs: int = 50, backend_name: str = "") -> Profile:
     device = codec.backend.device
     if device.type == "cuda":
@@ -117,7 +109,7 @@ def profile(codec: Codec, images: list[np.ndarray], warmup: int = 5, runs: int =
         _sync(device)
         enc_total.append((time.perf_counter() - t0) * 1e3)
         last["encode"] = trace.spans()
-        enc_stages.append(_per_stage(last["encode"]))
+        enc_stages.append(per_stage(last["encode"], bucket=False))
 
         trace = Trace(device)
         _sync(device)
@@ -126,7 +118,7 @@ def profile(codec: Codec, images: list[np.ndarray], warmup: int = 5, runs: int =
         _sync(device)
         dec_total.append((time.perf_counter() - t0) * 1e3)
         last["decode"] = trace.spans()
-        dec_stages.append(_per_stage(last["decode"]))
+        dec_stages.append(per_stage(last["decode"], bucket=False))
 
     def collect(per_run: list[dict[str, float]]) -> dict[str, Stats]:
         names = list(per_run[0])

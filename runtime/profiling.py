@@ -70,18 +70,20 @@ class Trace:
 NO_TRACE = Trace(enabled=False)
 
 
+ENTROPY_PARTS = ("network", "index", "coder")
+
+
 def stage_of(span_name: str) -> str:
-    """The per-stage bucket of a span: the twenty entropy rounds are summed into network,
-    index/conversion and coder time, everything else is its own stage."""
-    if span_name.startswith("slice"):
-        return "entropy " + span_name.rsplit(".", 1)[1]
-    return span_name
+    """The per-stage bucket of a span: the entropy rounds' spans (`slice3.anchor.coder`, ...) are
+    summed into network, index/conversion and coder time, everything else is its own stage."""
+    part = span_name.rsplit(".", 1)[-1]
+    return f"entropy {part}" if "." in span_name and part in ENTROPY_PARTS else span_name
 
 
-def per_stage(spans: list[Span]) -> dict[str, float]:
-    """Total milliseconds per stage, in pipeline order."""
+def per_stage(spans: list[Span], bucket: bool = True) -> dict[str, float]:
+    """Total milliseconds per stage (per span name with bucket=False), in pipeline order."""
     out: dict[str, float] = {}
     for s in spans:
-        key = stage_of(s.name)
+        key = stage_of(s.name) if bucket else s.name
         out[key] = out.get(key, 0.0) + s.duration_ms
     return out

@@ -28,9 +28,16 @@ class EntropyModels:
     fingerprint: bytes
 
 
-class Backend(Protocol):
-    name: str
+class GraphRunner(Protocol):
+    """What the latent codec needs: graphs run by name on one device."""
+
     device: torch.device
+
+    def run(self, graph: str, *inputs: Tensor) -> tuple[Tensor, ...]: ...
+
+
+class Backend(GraphRunner, Protocol):
+    name: str
     models: EntropyModels
 
     def run(self, graph: str, *inputs: Tensor) -> tuple[Tensor, ...]:

@@ -62,9 +62,6 @@ class TorchBackend:
                 self._module[name] = torch.compile(g.module, mode="max-autotune")
                 self._compiled.add(name)
 
-    def module(self, graph: str) -> nn.Module:
-        return self.graphs[graph].module
-
     @torch.inference_mode()
     def run(self, graph: str, *inputs: Tensor) -> tuple[Tensor, ...]:
         dtype, layout = self._dtype[graph], self._layout[graph]
