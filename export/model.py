@@ -31,6 +31,7 @@ from osdiff.export.models.lfgcm import Analysis, EntropyParameters, HyperSynthes
 from osdiff.export.models.text import TextEncoder, empty_prompt_tokens
 from osdiff.export.models.unet import Denoiser
 from osdiff.export.models.vae import VAEDecoder, VAEEncoder
+from osdiff.runtime.backends.base import EntropyModels
 from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional
 
 # load units that stay after loading (text_encoder does not)
@@ -144,11 +145,21 @@ class OSDiffModel:
     stages: dict[str, nn.Module]
     entropy_bottleneck: EntropyBottleneck
     gaussian: GaussianConditional
-    fingerprint: bytes  # sha-256 of the weights (see _fingerprint)
+    weights_id: bytes  # SHA-256 of the stored weights (see weights_digest)
 
     @property
     def context(self) -> Tensor:
         return self.stages["denoiser"].context
+
+    @property
+    def entropy_models(self) -> EntropyModels:
+        """What a backend carries besides the graphs, with the model's identity."""
+        return EntropyModels(self.config, self.entropy_bottleneck, self.gaussian, self.weights_id)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """The model identity (weights and entropy tables) that export and engine manifests carry."""
+        return self.entropy_models.fingerprint
 
     def graphs(self) -> dict[str, Graph]:
         return graphs(self.config, self.stages)
@@ -161,6 +172,7 @@ class OSDiffModel:
     @staticmethod
     def from_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig) -> "OSDiffModel":
         parts = split_by_stage(state_dict, cfg)
+        weights_id = weights_digest({f"{stage}.{key}": t for stage, part in parts.items() for key, t in part.items()})
         with torch.device("meta"):
             stages = build_stages(cfg)
         for name, module in stages.items():
@@ -175,7 +187,7 @@ class OSDiffModel:
             eb = EntropyBottleneck({k: v.float() for k, v in parts["entropy_bottleneck"].items()}, cfg.entropy.precision)
         except ValueError as e:
             raise CheckpointError(f"the entropy bottleneck parameters are unusable: {e}") from e
-        return OSDiffModel(cfg, stages, eb, GaussianConditional(cfg.entropy), _fingerprint(stages, eb))
+        return OSDiffModel(cfg, stages, eb, GaussianConditional(cfg.entropy), weights_id)
 
     @staticmethod
     def random(cfg: ModelConfig, seed: int = 0) -> "OSDiffModel":
@@ -193,7 +205,11 @@ class OSDiffModel:
             eb = EntropyBottleneck(_random_bottleneck(cfg.lfgcm.N), cfg.entropy.precision)
             model = OSDiffModel(cfg, stages, eb, GaussianConditional(cfg.entropy), b"")
             _calibrate(model)
-        model.fingerprint = _fingerprint(model.stages, model.entropy_bottleneck)
+        # the random context stands in for the text tower's weights
+        named = {f"{name}.{key}": t for name, stage in model.stages.items() for key, t in stage.state_dict().items()}
+        named["denoiser.context"] = model.context
+        named |= {f"entropy_bottleneck.{key}": t for key, t in eb.params.items()}
+        model.weights_id = weights_digest(named)
         return model
 
 
@@ -273,25 +289,22 @@ def _calibrate(model: OSDiffModel) -> None:
     rescale(s["vae_decoder"].decoder.conv_out, s["vae_decoder"].decode_raw(y_r), 0.6, center=True)
 
 
-def _fingerprint(stages: dict[str, nn.Module], eb: EntropyBottleneck) -> bytes:
-    """SHA-256 of the weights (float32 values, whatever dtype the file stored).
+def weights_digest(weights: dict[str, Tensor]) -> bytes:
+    """SHA-256 of a model's weights as stored, keyed by name and shape: the identity a stream
+    carries, so that a decoder refuses streams of another model.
 
-    The entropy model (LFGCM + bottleneck: what decides whether a stream decodes at all) is
-    hashed in full; the large generative stages are hashed on a strided sample of each tensor,
-    which tells any two trained checkpoints apart at a fraction of the cost of hashing 4 GB.
+    Only stored values go in, converted exactly to float32 (an fp16 file and its fp32 twin are
+    the same model), never a value computed at load time (the text tower's context, the entropy
+    tables): those carry the last bits of the CPU's float kernels, and two machines would
+    disagree about the identity of one checkpoint. Tensors over 65,536 values are hashed on a
+    fixed stride, which tells any two trained checkpoints apart at a fraction of the cost of
+    hashing 4 GB.
     """
-    h = hashlib.sha256()
-    full = {"analysis", "hyper_synthesis", "entropy_parameters", "synthesis"}
-    for name in sorted(stages):
-        state = stages[name].state_dict()
-        if name == "denoiser":
-            state["context"] = stages[name].context
-        for key in sorted(state):
-            t = state[key].detach().float().reshape(-1)
-            if name not in full and t.numel() > 65536:
-                t = t[:: t.numel() // 65536]
-            h.update(f"{name}.{key}:{tuple(state[key].shape)}".encode())
-            h.update(t.contiguous().numpy().tobytes())
-    for key in sorted(eb.params):
-        h.update(key.encode() + eb.params[key].contiguous().numpy().tobytes())
+    h = hashlib.sha256(b"osdiff-weights-v1")
+    for key in sorted(weights):
+        t = weights[key].detach().float().reshape(-1)
+        if t.numel() > 65536:
+            t = t[:: t.numel() // 65536]
+        h.update(f"{key}:{tuple(weights[key].shape)}".encode())
+        h.update(t.contiguous().numpy().astype("<f4").tobytes())
     return h.digest()

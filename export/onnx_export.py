@@ -2,7 +2,7 @@
 
 Output directory:
     manifest.json                 graphs, I/O names, symbolic shapes, dtypes, opset, the model
-                                  config and fingerprint, fp16 islands, entropy-model tables
+                                  config and identity, fp16 islands, entropy-model tables
     entropy_bottleneck.safetensors  the learned z prior (tables are recomputed from it)
     fp32/<graph>.onnx             every graph
     fp16/<graph>.onnx             the heavy graphs (VAE, G_s, denoiser) in fp16
@@ -38,7 +38,7 @@ from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional
 
 OPSET = 18
 FORMAT = "osdiff-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model identity = weights id + canonical tables id
 # Example size for tracing: batch 2 and distinct sides, so that no dynamic dimension is
 # specialized (sizes 0 and 1 are) or unified with another of the same size.
 _TRACE_BATCH, _TRACE_H, _TRACE_W = 2, 320, 448
@@ -85,7 +85,8 @@ def export_onnx(model: OSDiffModel, out_dir: str | Path, fp16: bool = True,
     manifest: dict = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
         "torch": torch.__version__, "onnx": onnx.__version__,
-        "model": {"name": cfg.name, "fingerprint": model.fingerprint.hex(), "config": cfg.to_dict()},
+        "model": {"name": cfg.name, "fingerprint": model.fingerprint.hex(), "weights_id": model.weights_id.hex(),
+                  "tables_id": model.entropy_models.tables_id.hex(), "config": cfg.to_dict()},
         "pad_multiple": cfg.pad_multiple,
         "fp16_islands": FP16_ISLANDS,
         "graphs": {},
@@ -162,13 +163,24 @@ class ExportError(ValueError):
 
 
 def load_export(directory: str | Path) -> tuple[dict, EntropyModels]:
-    """Read and check an export directory's manifest; rebuild the entropy models from it."""
+    """Read and check an export directory's manifest; rebuild the entropy models from it.
+
+    The tables are derived again here, canonically (runtime/entropy.py), and must equal the
+    ones the export recorded: an export made by a build that derived them differently (or a
+    manifest edited by hand) is refused before it can code a stream nobody else can read.
+    """
     d = Path(directory)
     manifest = read_manifest(d, FORMAT, FORMAT_VERSION, ExportError, "re-export with `osdiff export`")
     cfg = ModelConfig.from_dict(manifest["model"]["config"])
     ent = manifest["entropy"]
     eb = EntropyBottleneck(load_file(str(d / ent["bottleneck"]["params_file"])), cfg.entropy.precision)
-    if eb.tables.cdfs != ent["bottleneck"]["cdfs"] or eb.tables.offsets != ent["bottleneck"]["offsets"]:
-        raise ExportError(f"{d}: the entropy bottleneck tables in manifest.json do not match its parameters")
-    models = EntropyModels(cfg, eb, GaussianConditional(cfg.entropy), bytes.fromhex(manifest["model"]["fingerprint"]))
+    gaussian = GaussianConditional(cfg.entropy)
+    recorded = (("bottleneck", eb.tables, ent["bottleneck"]), ("gaussian", gaussian.tables, ent["gaussian"]))
+    for what, ours, theirs in recorded:
+        if ours.cdfs != theirs["cdfs"] or ours.offsets != theirs["offsets"]:
+            raise ExportError(f"{d}: the {what} CDF tables in manifest.json differ from the ones this build derives "
+                              "(exported by another version?); re-export with `osdiff export`")
+    models = EntropyModels(cfg, eb, gaussian, bytes.fromhex(manifest["model"]["weights_id"]))
+    if models.fingerprint.hex() != manifest["model"]["fingerprint"]:
+        raise ExportError(f"{d}: manifest.json's model identity is inconsistent; re-export with `osdiff export`")
     return manifest, models

@@ -170,7 +170,8 @@ def export(output: str, fp16: bool, only: tuple[str, ...], **checkpoints: Any) -
 @click.option("-o", "--output", required=True, help="Output file (one image) or directory.")
 @click.option("--seed", default=0, show_default=True, help="Diffusion noise seed stored in the stream.")
 @click.option("--format", "fmt", type=click.Choice(["osd", "reference"]), default="osd", show_default=True,
-              help="reference: the original implementation's raw stream (no size, seed or check value).")
+              help="reference: the original implementation's raw stream (no size, seed or check value), coded with "
+                   "the entropy tables the original derives on this CPU (docs/entropy-tables.md).")
 @backend_options
 @user_errors
 def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, **options: Any) -> None:
@@ -191,7 +192,9 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, **option
 @main.command()
 @click.argument("streams", nargs=-1, required=True, type=_file)
 @click.option("-o", "--output", required=True, help="Output PNG (one stream) or directory.")
-@click.option("--format", "fmt", type=click.Choice(["osd", "reference"]), default="osd", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["osd", "reference"]), default="osd", show_default=True,
+              help="reference: a stream the original implementation wrote, read with the entropy tables it derives "
+                   "on this CPU (docs/entropy-tables.md).")
 @click.option("--size", default=None, help="HxW of the image, for --format reference (which does not store it).")
 @click.option("--seed", default=0, show_default=True, help="Noise seed for --format reference.")
 @backend_options

@@ -7,9 +7,14 @@ that makes it instead of piling up downstream. The one exception is the end-to-e
 stream.bin, which must still land within tolerance.
 
     floats                     max |ours - golden| <= 1e-5 * max |golden|, per tensor
-    integers, tables, strings  equal
+    integers, tables, strings  equal (a table that differs says how many entries do)
     output.png                 within +-1 (truncating uint8 conversion)
     coding margins             our float error below the margin the golden set was made with
+
+Two kinds of rows check the entropy coding. "(golden tables)" rows run the rANS coder alone on
+the golden set's own symbols, indexes and CDF tables: they do not depend on how any machine
+derives tables. The other rows run our pipeline with our canonical tables (runtime/entropy.py),
+which are compared with the golden set's entry by entry.
 
 A missing file, a missing tensor or a stage that cannot run is a failed row, never a crash;
 so is a golden value that no check compares (nothing is skipped silently).
@@ -39,7 +44,7 @@ from osdiff.files import read_image
 from osdiff.runtime.backends.torch_backend import TorchBackend
 from osdiff.runtime.bitstream import write_reference
 from osdiff.runtime.codec import Codec, image_to_tensor, tensor_to_image
-from osdiff.runtime.coder import CdfTables
+from osdiff.runtime.coder import CdfTables, Decoder, Encoder
 from osdiff.runtime.latent_codec import CodedLatent, compress_latent, decompress_latent
 
 REL_TOL = 1e-5
@@ -126,6 +131,11 @@ class _Verifier:
 
     def exact(self, src: str, key: str, ours: Tensor | np.ndarray | float, suffix: str = "") -> None:
         self._compare(src, key, ours, suffix, lambda err, scale: err == 0)
+        last = self.checks[-1]
+        if not last.passed and not last.note and (src, key) in self.covered:
+            golden = self.get(src, key).reshape(-1)
+            mine = (ours if isinstance(ours, Tensor) else torch.from_numpy(np.array(ours))).reshape(-1)
+            last.note = f"{int((mine != golden).sum())} of {golden.numel()} entries differ"
 
     def _compare(self, src: str, key: str, ours: Tensor | np.ndarray | float, suffix: str,
                  passes: Callable[[float, float], bool]) -> None:
@@ -139,18 +149,19 @@ class _Verifier:
         ours = ours if isinstance(ours, Tensor) else torch.from_numpy(np.array(ours))
         self.checks.append(_check(name, ours, golden, passes))
 
-    def same_bytes(self, filename: str, ours: bytes) -> None:
+    def same_bytes(self, filename: str, ours: bytes, suffix: str = "") -> None:
+        name = filename + suffix
         try:
             golden = self.file(filename)
         except _Missing as e:
-            self.fail(filename, str(e))
+            self.fail(name, str(e))
             return
         if ours == golden:
-            self.checks.append(Check(filename, (len(golden),), 0.0, 0.0, True))
+            self.checks.append(Check(name, (len(golden),), 0.0, 0.0, True))
             return
         first = next((i for i, (a, b) in enumerate(zip(ours, golden)) if a != b), min(len(ours), len(golden)))
         note = f"ours {len(ours)} bytes, first difference at byte {first}"
-        self.checks.append(Check(filename, (len(golden),), math.nan, math.nan, False, note))
+        self.checks.append(Check(name, (len(golden),), math.nan, math.nan, False, note))
 
     def pixels(self, ours: Tensor, suffix: str = "") -> None:
         """output.png against our decoded image, both as the reference converts to uint8."""
@@ -173,6 +184,21 @@ class _Verifier:
             return
         self.covered.add(("symbols", key))
         self.checks.append(Check(name, (), err, err / m if m else math.inf, err < m, f"margin {m:.3g}"))
+
+    def coder(self, filename: str, prefix: str, symbols: Tensor, indexes: Tensor) -> None:
+        """The rANS coder alone, on the golden set's own symbols, indexes and tables (whatever
+        our tables are): it writes the golden string, and reads it back to the golden symbols."""
+        tables = self.golden_tables(prefix)
+        encoder = Encoder()
+        encoder.encode(symbols.numpy(), indexes.numpy(), tables)
+        self.same_bytes(filename, encoder.flush(), " (golden tables)")
+        decoded = Decoder(self.file(filename), tables, symbols.numel()).decode(indexes.numpy())
+        name = f"{filename} (golden tables, decoded)"
+        self.checks.append(_check(name, torch.from_numpy(decoded).reshape(symbols.shape), symbols, lambda err, scale: err == 0))
+
+    def golden_tables(self, prefix: str) -> CdfTables:
+        cdf, lengths, offsets = (self.get("symbols", f"{prefix}_{k}").numpy() for k in ("quantized_cdf", "cdf_length", "offset"))
+        return CdfTables([row[:n].tolist() for row, n in zip(cdf, lengths)], offsets.tolist())
 
     # --- golden data ------------------------------------------------------------------------------
 
@@ -222,7 +248,7 @@ class _Verifier:
             return self.checks
         self.cfg = cfg
         self.backend = TorchBackend(self.model)
-        self.codec = Codec(self.backend)
+        self.codec = Codec(self.backend, reference_tables="canonical")  # machine-independent checks
         stages = (self.input_image, self.vae_encoder, self.analysis, self.z_coding, self.y_coding, self.decoding,
                   self.synthesis, self.noise, self.denoiser, self.vae_decoder, self.constants, self.end_to_end)
         for stage in stages:
@@ -267,6 +293,7 @@ class _Verifier:
         self.exact("symbols", "z_symbols", symbols[0])
         indexes = eb._indexes(tuple(z.shape))[0]
         self.exact("symbols", "z_indexes", indexes)
+        self.coder("z_string.bin", "eb", self.get("symbols", "z_symbols"), self.get("symbols", "z_indexes"))
         self.exact("symbols", "z_escape_count", _escapes(symbols, indexes, eb.tables))
         _, z_ours = self.backend.run("analysis", self.get("golden", "y0"))
         self.margin("z_rounding_margin_min", _max_err(z_ours, z))
@@ -298,6 +325,8 @@ class _Verifier:
         self.close("golden", "lfgcm_scales_hat", scales_hat)
         self.close("golden", "lfgcm_means_hat", means_hat)
 
+        self.coder("y_string.bin", "gc", self.get("symbols", "y_symbols_coding_order"),
+                   self.get("symbols", "y_indexes_coding_order"))
         y_symbols = np.concatenate([s.reshape(-1) for s in coded.symbols[1:]])
         y_indexes = torch.cat([idx.reshape(-1) for idx in indexes]).numpy()
         self.exact("symbols", "y_symbols_coding_order", y_symbols)
@@ -389,6 +418,8 @@ class _Verifier:
         self.exact("golden", "alphas_cumprod_999", abar.reshape(1))
         self.exact("golden", "sampler_sqrt_recip_alphas_cumprod", torch.tensor([den.c1]))
         self.exact("golden", "sampler_sqrt_recipm1_alphas_cumprod", torch.tensor([den.c2]))
+        # our canonical tables (runtime/entropy.py) against the ones the golden set's CPU computed:
+        # a difference is reported entry by entry, never absorbed in a tolerance
         gaussian, eb = self.model.gaussian, self.model.entropy_bottleneck
         self.exact("golden", "scale_table", gaussian.scale_table)
         self.exact("symbols", "gc_scale_table", gaussian.scale_table)

@@ -15,11 +15,11 @@ import numpy as np
 from osdiff.runtime.coder import StreamError
 
 MAGIC = b"OD"
-VERSION = 1
+VERSION = 2
 FLAG_EXTENSIONS = 0x1
 MAX_SIDE = 65535
 MAX_EXTENSIONS = 16
-FINGERPRINT_BYTES = 2
+ID_BYTES = 2  # of the model's weights id, and of its tables id
 CHECK_BYTES = 4
 
 __all__ = ["StreamError", "OsdStream", "symbol_check", "read_reference", "write_reference"]
@@ -79,7 +79,8 @@ class OsdStream:
     height: int
     width: int
     seed: int
-    fingerprint: bytes  # the first FINGERPRINT_BYTES of the model fingerprint
+    weights_id: bytes  # the first ID_BYTES of the model's weights id (runtime/backends/base.py)
+    tables_id: bytes  # the first ID_BYTES of its entropy tables' id
     z_string: bytes
     y_string: bytes
     check: int = 0
@@ -91,13 +92,13 @@ class OsdStream:
             raise ValueError(f"image size {self.height}x{self.width} out of range")
         if not 0 <= self.seed < (1 << 32):
             raise ValueError("seed must fit in 32 bits")
-        if len(self.fingerprint) != FINGERPRINT_BYTES:
-            raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+        if len(self.weights_id) != ID_BYTES or len(self.tables_id) != ID_BYTES:
+            raise ValueError(f"the weights and tables ids must be {ID_BYTES} bytes each")
         out = bytearray(MAGIC)
         out.append((VERSION << 4) | (FLAG_EXTENSIONS if self.extensions else 0))
         for v in (self.height, self.width, self.seed):
             _put_varint(out, v)
-        out += self.fingerprint
+        out += self.weights_id + self.tables_id
         _put_varint(out, len(self.z_string))
         if self.extensions:
             _put_varint(out, len(self.extensions))
@@ -118,6 +119,9 @@ class OsdStream:
             raise StreamError("not an .osd stream (bad magic bytes)")
         vf = r.take(1, "version")[0]
         version, flags = vf >> 4, vf & 0xF
+        if version == 1:
+            raise StreamError(".osd version 1 (osdiff-engine 0.1): its model fingerprint depended on the CPU that "
+                              "computed it, so this build cannot check it; decode it with osdiff-engine 0.1 and re-encode")
         if version != VERSION:
             raise StreamError(f".osd version {version} is not supported (this build reads version {VERSION})")
         if flags & ~FLAG_EXTENSIONS:
@@ -127,7 +131,8 @@ class OsdStream:
         if not height or not width:
             raise StreamError("image size of zero")
         seed = r.varint("seed", (1 << 32) - 1)
-        fingerprint = r.take(FINGERPRINT_BYTES, "fingerprint")
+        weights_id = r.take(ID_BYTES, "weights id")
+        tables_id = r.take(ID_BYTES, "tables id")
         z_len = r.varint("z string length", len(data))
         extensions: dict[int, bytes] = {}
         if flags & FLAG_EXTENSIONS:
@@ -139,7 +144,7 @@ class OsdStream:
         y_len = len(data) - r.pos - CHECK_BYTES
         y_string = r.take(y_len, "y string")
         (check,) = struct.unpack("<I", r.take(CHECK_BYTES, "check value"))
-        return OsdStream(height, width, seed, fingerprint, z_string, y_string, check, extensions)
+        return OsdStream(height, width, seed, weights_id, tables_id, z_string, y_string, check, extensions)
 
 
 def write_reference(z_shape: tuple[int, int], y_string: bytes, z_string: bytes) -> bytes:
@@ -153,7 +158,7 @@ def write_reference(z_shape: tuple[int, int], y_string: bytes, z_string: bytes) 
 
 def read_reference(data: bytes) -> tuple[tuple[int, int], bytes, bytes]:
     """-> ((z height, z width), y string, z string). The format carries no image size, seed,
-    model fingerprint or check value: the size comes from the user, and a decoder that
+    model identity or check value: the size comes from the user, and a decoder that
     desynchronizes cannot be detected."""
     r = _Reader(bytes(data))
     zh, zw, n = struct.unpack(">3I", r.take(12, "header"))

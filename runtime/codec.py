@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from osdiff.runtime.backends.base import Backend
-from osdiff.runtime.bitstream import FINGERPRINT_BYTES, OsdStream, StreamError, read_reference, symbol_check, write_reference
+from osdiff.runtime.backends.base import Backend, EntropyModels
+from osdiff.runtime.bitstream import ID_BYTES, OsdStream, StreamError, read_reference, symbol_check, write_reference
 from osdiff.runtime.latent_codec import CodedLatent, compress_latent, decompress_latent
 from osdiff.runtime.noise import gaussian_noise
 from osdiff.runtime.profiling import NO_TRACE, Trace
@@ -38,11 +38,23 @@ def tensor_to_image(x: Tensor) -> np.ndarray:
 
 
 class Codec:
-    def __init__(self, backend: Backend, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """reference_tables: the entropy tables the original implementation's raw stream format is
+    coded with. "original" (default): derived as the original derives them on this CPU, so that
+    its streams from a machine like this one decode; "canonical": the portable ones .osd
+    streams always use (docs/entropy-tables.md)."""
+
+    def __init__(self, backend: Backend, max_pixels: int = DEFAULT_MAX_PIXELS, reference_tables: str = "original") -> None:
+        if reference_tables not in ("original", "canonical"):
+            raise ValueError(f"reference_tables must be 'original' or 'canonical', not {reference_tables!r}")
         self.backend = backend
         self.models = backend.models
         self.cfg = backend.models.config
         self.max_pixels = max_pixels
+        self.reference_tables = reference_tables
+
+    @property
+    def reference_models(self) -> EntropyModels:
+        return self.models.original if self.reference_tables == "original" else self.models
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         m = self.cfg.pad_multiple
@@ -61,17 +73,19 @@ class Codec:
         out = []
         for image, seed, coded in zip(images, seeds, self.encode_latents(images, trace)):
             height, width = image.shape[:2]
-            stream = OsdStream(height, width, seed, self.models.fingerprint[:FINGERPRINT_BYTES], coded.z_string, coded.y_string)
+            stream = OsdStream(height, width, seed, self.models.weights_id[:ID_BYTES], self.models.tables_id[:ID_BYTES],
+                               coded.z_string, coded.y_string)
             stream.check = symbol_check(stream.header(), coded.symbols)
             out.append(stream.to_bytes())
         return out
 
     def compress_reference(self, image: np.ndarray, trace: Trace = NO_TRACE) -> bytes:
         """The original implementation's stream format (see decompress_reference)."""
-        (coded,) = self.encode_latents([image], trace)
+        (coded,) = self.encode_latents([image], trace, self.reference_models)
         return write_reference(coded.z_shape, coded.y_string, coded.z_string)
 
-    def encode_latents(self, images: list[np.ndarray], trace: Trace = NO_TRACE) -> list[CodedLatent]:
+    def encode_latents(self, images: list[np.ndarray], trace: Trace = NO_TRACE,
+                       models: EntropyModels | None = None) -> list[CodedLatent]:
         if len({im.shape for im in images}) != 1:
             raise ValueError("a batch needs images of one size")
         x = torch.cat([image_to_tensor(im) for im in images])
@@ -86,7 +100,7 @@ class Codec:
             (y0,) = run("vae_encoder", x)
         with trace("analysis"):
             y, z = run("analysis", y0)
-        m = self.models
+        m = models or self.models
         return [compress_latent(self.backend, self.cfg, m.entropy_bottleneck, m.gaussian, y[i : i + 1], z[i : i + 1], trace)[0]
                 for i in range(len(images))]
 
@@ -109,12 +123,16 @@ class Codec:
     def _parse(self, datas: list[bytes], trace: Trace) -> list[OsdStream]:
         with trace("parse"):
             streams = [OsdStream.from_bytes(d) for d in datas]
+        weights_id, tables_id = self.models.weights_id[:ID_BYTES], self.models.tables_id[:ID_BYTES]
         for stream in streams:
-            if stream.fingerprint != self.models.fingerprint[:FINGERPRINT_BYTES]:
+            if stream.weights_id != weights_id:
+                raise StreamError(f"the stream was made with other model weights (weights id {stream.weights_id.hex()}, "
+                                  f"this model {weights_id.hex()})")
+            if stream.tables_id != tables_id:
                 raise StreamError(
-                    f"the stream was made with other model weights (fingerprint {stream.fingerprint.hex()}, "
-                    f"this model {self.models.fingerprint[:FINGERPRINT_BYTES].hex()})"
-                )
+                    f"the stream was coded with other entropy tables (tables id {stream.tables_id.hex()}, this decoder "
+                    f"{tables_id.hex()}): same weights, but its encoder derived the CDF tables differently (another "
+                    "osdiff-engine version, or a modified build), so its symbols cannot be read here")
             self._check_size(stream.height, stream.width)
         if len({(s.height, s.width) for s in streams}) != 1:
             raise ValueError("a batch needs streams of one image size")
@@ -137,7 +155,8 @@ class Codec:
 
     def decompress_reference(self, data: bytes, height: int, width: int, seed: int = 0, trace: Trace = NO_TRACE) -> np.ndarray:
         """The original implementation's stream format, which stores no image size (the user
-        gives it), no seed and no check value (a desynchronized decode cannot be detected)."""
+        gives it), no seed and no check value (a desynchronized decode cannot be detected),
+        read with the `reference_tables` chosen at construction."""
         return tensor_to_image(self.decompress_reference_tensor(data, height, width, seed, trace))
 
     def decompress_reference_tensor(self, data: bytes, height: int, width: int, seed: int = 0,
@@ -147,7 +166,7 @@ class Codec:
         f = self.cfg.pad_multiple
         if z_shape != (hp // f, wp // f):
             raise StreamError(f"the stream's z shape {z_shape} does not fit a {height}x{width} image")
-        y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace)
+        y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace, self.reference_models)
         return self.decode_image(y_hat, seed, (height, width), trace, x_T)
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
@@ -156,8 +175,8 @@ class Codec:
             raise StreamError(f"stream asks for a {height}x{width} image, over the {self.max_pixels}-pixel limit")
         return hp, wp
 
-    def _decode_latent(self, coded: CodedLatent, trace: Trace) -> Tensor:
-        m = self.models
+    def _decode_latent(self, coded: CodedLatent, trace: Trace, models: EntropyModels | None = None) -> Tensor:
+        m = models or self.models
         try:
             return decompress_latent(self.backend, self.cfg, m.entropy_bottleneck, m.gaussian, coded, trace)
         except ValueError as e:

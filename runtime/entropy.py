@@ -7,27 +7,44 @@
 
 Tables are always recomputed from the learned parameters (as the reference's
 `update(force=True)` does), never read from a checkpoint's CDF buffers, so stale buffers can
-never desynchronize encoder and decoder. Both formulas mirror compressai 1.2.4 operation by
-operation in float32 torch: the tables are integers, and one flipped rounding changes the
-stream.
+never desynchronize encoder and decoder.
+
+Canonical tables. The tables are integers, and one flipped rounding on the way to them changes
+the stream, so they must come out bit-identical on every machine. The formulas are compressai
+1.2.4's (`get_scale_table`, `GaussianConditional.update`, `EntropyBottleneck.update`), in the
+reference's order of float32 operations, but every operation is evaluated as its correctly
+rounded float32 result (runtime/f32.py) instead of by torch's kernels, whose last bits depend on
+the CPU's SIMD level. Where the reference's vectorized CPU kernels contract a multiply and an add
+into one rounding (torch.linspace, and the GEMM under torch.matmul), the canonical derivation
+does the same, as a fused multiply-add. Measured: these tables equal the golden set's (made by
+the original implementation on an AVX-512 CPU) in every entry; torch's own kernels on an AVX2
+CPU differ from them in 9 entries of the bottleneck's table of that set (docs/entropy-tables.md).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
-from statistics import NormalDist
+from types import ModuleType
 
+import mpmath
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from osdiff.config import EntropyConfig
+from osdiff.runtime import f32
 from osdiff.runtime.coder import CdfTables, Decoder, Encoder, quantized_cdf
 
+# The arithmetic a derivation runs in: runtime/f32.py (canonical, the default everywhere) or
+# runtime/f32_native.py (torch's float32 kernels of this CPU, for the original's raw format).
+Arithmetic = ModuleType
 
-def scale_table(cfg: EntropyConfig) -> torch.Tensor:
-    """The 64 log-spaced Gaussian scales (compressai's get_scale_table), float32."""
-    return torch.exp(torch.linspace(math.log(cfg.scale_min), math.log(cfg.scale_max), cfg.scale_levels))
+
+def scale_table(cfg: EntropyConfig, ar: Arithmetic = f32) -> np.ndarray:
+    """compressai's get_scale_table: exp(linspace(log(scale_min), log(scale_max), levels)),
+    float32 (levels,)."""
+    return ar.exp(ar.linspace(ar.log(cfg.scale_min), ar.log(cfg.scale_max), cfg.scale_levels))
 
 
 def scale_indexes(scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -36,17 +53,17 @@ def scale_indexes(scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
     The same index for every input as compressai's build_indexes (lower-bound the scale to
     table[0], then subtract one per table entry >= the scale), in one bucketize instead of 63
-    passes. NaN maps to the last table, as it does there.
+    passes. NaN maps to the last table, as it does there. Comparisons only: exact everywhere.
     """
     scales = torch.nan_to_num(scales.float(), nan=math.inf).clamp_min(table[0])
     return torch.bucketize(scales, table[:-1], right=False).to(torch.int32)
 
 
 class GaussianConditional:
-    def __init__(self, cfg: EntropyConfig = EntropyConfig()) -> None:
+    def __init__(self, cfg: EntropyConfig = EntropyConfig(), arithmetic: Arithmetic = f32) -> None:
         self.cfg = cfg
-        self.scale_table = scale_table(cfg)
-        self.tables = gaussian_tables(self.scale_table, cfg.tail_mass, cfg.precision)
+        scales, self.tables = _gaussian(cfg, arithmetic)
+        self.scale_table = torch.tensor(scales)
         self._table_on: dict[torch.device, torch.Tensor] = {}  # the scale table per device, copied once
 
     def build_indexes(self, scales: torch.Tensor) -> torch.Tensor:
@@ -55,27 +72,48 @@ class GaussianConditional:
         return scale_indexes(scales, self._table_on[scales.device])
 
 
-def gaussian_tables(table: torch.Tensor, tail_mass: float = 1e-9, precision: int = 16) -> CdfTables:
-    """compressai 1.2.4 GaussianConditional.update(): one discretized N(0, s) per scale."""
-    multiplier = -NormalDist().inv_cdf(tail_mass / 2)  # == scipy.stats.norm.ppf, bit for bit
-    pmf_center = torch.ceil(table * multiplier).int()
+@functools.lru_cache(maxsize=8)
+def _gaussian(cfg: EntropyConfig, ar: Arithmetic) -> tuple[np.ndarray, CdfTables]:
+    """The scale table and its CDFs depend on the config alone: derived once per process."""
+    table = scale_table(cfg, ar)
+    return table, gaussian_tables(table, cfg.tail_mass, cfg.precision, ar)
+
+
+def gaussian_tables(table: np.ndarray, tail_mass: float = 1e-9, precision: int = 16, ar: Arithmetic = f32) -> CdfTables:
+    """compressai 1.2.4 GaussianConditional.update(): one discretized N(0, s) per scale of the
+    float32 `table`, its support ceil(s * multiplier) on either side, the two tails' mass
+    appended as one last symbol."""
+    # scipy.stats.norm.ppf(tail_mass / 2) in the reference: a float64 value, which torch rounds
+    # to float32 when it multiplies the table
+    with mpmath.workprec(256):
+        multiplier = float(-mpmath.sqrt(2) * mpmath.erfinv(2 * mpmath.mpf(tail_mass / 2) - 1))
+    pmf_center = np.ceil(ar.mul(table, np.float32(multiplier))).astype(np.int64)
     pmf_length = 2 * pmf_center + 1
-    max_length = int(pmf_length.max())
-    samples = torch.abs(torch.arange(max_length).int() - pmf_center[:, None]).float()
-    scales = table.unsqueeze(1).float()
-    upper = _standard_normal_cdf((0.5 - samples) / scales)
-    lower = _standard_normal_cdf((-0.5 - samples) / scales)
-    pmf = upper - lower
-    tail = 2 * lower[:, :1]
-    cdfs = []
-    for i, n in enumerate(pmf_length.tolist()):
-        cdfs.append(quantized_cdf(torch.cat((pmf[i, :n], tail[i])).numpy(), precision).tolist())
+    samples = np.abs(np.arange(int(pmf_length.max()))[None, :] - pmf_center[:, None]).astype(np.float32)
+    scales = table[:, None]
+    upper = _standard_normal_cdf(ar.div(ar.sub(0.5, samples), scales), ar)
+    lower = _standard_normal_cdf(ar.div(ar.sub(-0.5, samples), scales), ar)
+    pmf = ar.sub(upper, lower)
+    tail = ar.mul(2, lower[:, :1])
+    cdfs = [quantized_cdf(np.concatenate((pmf[i, :n], tail[i])), precision).tolist()
+            for i, n in enumerate(pmf_length.tolist())]
     return CdfTables(cdfs=cdfs, offsets=(-pmf_center).tolist())
 
 
-def _standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+def _standard_normal_cdf(x: np.ndarray, ar: Arithmetic) -> np.ndarray:
     # erfc keeps the far tails precise; the constant and order follow compressai
-    return 0.5 * torch.erfc(float(-(2**-0.5)) * x)
+    return ar.mul(0.5, ar.erfc(ar.mul(float(-(2**-0.5)), x)))
+
+
+def tables_digest(gaussian: GaussianConditional, eb: "EntropyBottleneck") -> bytes:
+    """SHA-256 of everything that decides a symbol besides the networks: the scale table, and
+    both models' CDF rows and offsets (int32, little-endian)."""
+    h = hashlib.sha256(b"osdiff-tables-v1")
+    h.update(gaussian.scale_table.numpy().astype("<f4").tobytes())
+    for tables in (gaussian.tables, eb.tables):
+        for row, offset in zip(tables.cdfs, tables.offsets):
+            h.update(np.asarray([len(row), offset, *row], dtype="<i4").tobytes())
+    return h.digest()
 
 
 class EntropyBottleneck:
@@ -85,9 +123,10 @@ class EntropyBottleneck:
     quantiles (C, 1, 3), whose middle column is the median that symbols are taken around.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], precision: int = 16) -> None:
-        self.params = {k: v.detach().float().cpu() for k, v in params.items()}
+    def __init__(self, params: dict[str, torch.Tensor], precision: int = 16, arithmetic: Arithmetic = f32) -> None:
+        self.params = {k: v.detach().float().cpu() for k, v in params.items()}  # exact for fp16/bf16 files
         self.precision = precision
+        self.arithmetic = arithmetic
         self.channels = self.params["quantiles"].shape[0]
         self.update()
 
@@ -96,36 +135,40 @@ class EntropyBottleneck:
         return self.params["quantiles"][:, 0, 1]
 
     def update(self) -> None:
-        """Tables by compressai 1.2.4's formula (README 7.7): it differs from >= 1.2.5 in the
-        tails (sign-flipped sigmoids), which changes the z string for some weights."""
-        q = self.params["quantiles"]
+        """Tables by compressai 1.2.4's formula (reference README 7.7), canonical float32 (see
+        the module docstring): it differs from >= 1.2.5 in the tails (sign-flipped sigmoids),
+        which changes the z string for some weights."""
+        ar = self.arithmetic
+        q = self.params["quantiles"].numpy()
         medians = q[:, 0, 1]
-        minima = torch.clamp(torch.ceil(medians - q[:, 0, 0]).int(), min=0)
-        maxima = torch.clamp(torch.ceil(q[:, 0, 2] - medians).int(), min=0)
-        pmf_start = medians - minima
+        minima = np.maximum(np.ceil(ar.sub(medians, q[:, 0, 0])), 0).astype(np.int64)
+        maxima = np.maximum(np.ceil(ar.sub(q[:, 0, 2], medians)), 0).astype(np.int64)
+        pmf_start = ar.sub(medians, minima)
         pmf_length = maxima + minima + 1
         max_length = int(pmf_length.max())
         if max_length > (1 << 16):
             raise ValueError(f"entropy bottleneck support of {max_length} symbols: the quantiles are broken")
-        samples = torch.arange(max_length)[None, :] + pmf_start[:, None, None]
-        lower = self._logits_cumulative(samples - 0.5)
-        upper = self._logits_cumulative(samples + 0.5)
-        sign = -torch.sign(lower + upper)
-        pmf = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))[:, 0, :]
-        tail = torch.sigmoid(lower[:, 0, :1]) + torch.sigmoid(-upper[:, 0, -1:])
-        cdfs = []
-        for i, n in enumerate(pmf_length.tolist()):
-            cdfs.append(quantized_cdf(torch.cat((pmf[i, :n], tail[i])).numpy(), self.precision).tolist())
+        samples = ar.add(np.arange(max_length, dtype=np.float32)[None, None, :], pmf_start[:, None, None])
+        lower = self.logits_cumulative(ar.sub(samples, 0.5))
+        upper = self.logits_cumulative(ar.add(samples, 0.5))
+        sign = -np.sign(ar.add(lower, upper))
+        pmf = np.abs(ar.sub(ar.sigmoid(sign * upper), ar.sigmoid(sign * lower)))[:, 0, :]
+        tail = ar.add(ar.sigmoid(lower[:, 0, :1]), ar.sigmoid(-upper[:, 0, -1:]))
+        cdfs = [quantized_cdf(np.concatenate((pmf[i, :n], tail[i])), self.precision).tolist()
+                for i, n in enumerate(pmf_length.tolist())]
         self.tables = CdfTables(cdfs=cdfs, offsets=(-minima).tolist())
 
-    def _logits_cumulative(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.params
+    def logits_cumulative(self, x: np.ndarray) -> np.ndarray:
+        """The learned cumulative density's logits at x (C, 1, n), canonical float32
+        (Balle et al. 2018, eq. 6 ff.; compressai's _logits_cumulative)."""
+        ar = self.arithmetic
+        p = {k: v.numpy() for k, v in self.params.items()}
         n = sum(1 for k in p if k.startswith("matrices."))
         for i in range(n):
-            x = torch.matmul(F.softplus(p[f"matrices.{i}"]), x)
-            x = x + p[f"biases.{i}"]
+            x = ar.matmul(ar.softplus(p[f"matrices.{i}"]), x)
+            x = ar.add(x, p[f"biases.{i}"])
             if i < n - 1:
-                x = x + torch.tanh(p[f"factors.{i}"]) * torch.tanh(x)
+                x = ar.add(x, ar.mul(ar.tanh(p[f"factors.{i}"]), ar.tanh(x)))
         return x
 
     def _indexes(self, shape: tuple[int, ...]) -> np.ndarray:

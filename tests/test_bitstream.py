@@ -10,7 +10,8 @@ from osdiff.runtime.noise import gaussian_noise
 
 
 def make(**kw) -> OsdStream:
-    base = dict(height=512, width=768, seed=0, fingerprint=b"\xab\xcd", z_string=b"z" * 300, y_string=b"y" * 1200, check=123456)
+    base = dict(height=512, width=768, seed=0, weights_id=b"\xab\xcd", tables_id=b"\x12\x34", z_string=b"z" * 300,
+                y_string=b"y" * 1200, check=123456)
     base.update(kw)
     return OsdStream(**base)
 
@@ -19,7 +20,7 @@ def test_round_trip_and_overhead():
     s = make()
     data = s.to_bytes()
     assert OsdStream.from_bytes(data) == s
-    assert len(data) - len(s.z_string) - len(s.y_string) == 16
+    assert len(data) - len(s.z_string) - len(s.y_string) == 18
 
 
 def test_extensions_round_trip_and_cost_nothing_when_absent():
@@ -32,8 +33,9 @@ def test_extensions_round_trip_and_cost_nothing_when_absent():
     "mutate, message",
     [
         (lambda d: b"XX" + d[2:], "magic"),
-        (lambda d: d[:2] + bytes([0x20]) + d[3:], "version 2"),
-        (lambda d: d[:2] + bytes([0x1E]) + d[3:], "flags"),
+        (lambda d: d[:2] + bytes([0x30]) + d[3:], "version 3"),
+        (lambda d: d[:2] + bytes([0x10]) + d[3:], "version 1 .osdiff-engine 0.1.: its model fingerprint depended"),
+        (lambda d: d[:2] + bytes([0x2E]) + d[3:], "flags"),
         (lambda d: d[:3] + b"\x80\x80\x80\x80\x80\x01" + d[5:], "varint"),
         (lambda d: d[:3] + b"\x80\x00" + d[5:], "over-long"),
         (lambda d: d[:3] + b"\x00" + d[5:], "zero"),

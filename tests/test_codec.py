@@ -10,8 +10,11 @@ from osdiff.config import ModelConfig
 from osdiff.export.model import OSDiffModel
 from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from osdiff.runtime.backends.torch_backend import TorchBackend
+from osdiff.runtime.backends.base import EntropyModels
 from osdiff.runtime.bitstream import OsdStream, StreamError
 from osdiff.runtime.codec import Codec
+from osdiff.runtime.coder import CdfTables
+from osdiff.runtime.entropy import GaussianConditional
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +53,14 @@ def test_strings_from_the_input_image_are_the_reference_strings(torch_codec, tin
     assert (stream.height, stream.width) == tiny_image.shape[:2]
 
 
-def test_reference_format_round_trip(torch_codec, tiny_image, tiny_dir):
-    data = torch_codec.compress_reference(tiny_image)
+def test_reference_format_round_trip(torch_codec, tiny_model, tiny_image, tiny_dir):
+    # with the canonical tables: the same bytes on every machine
+    canonical = Codec(TorchBackend(tiny_model), reference_tables="canonical")
+    data = canonical.compress_reference(tiny_image)
     assert data == (tiny_dir / "stream.bin").read_bytes()
-    out = torch_codec.decompress_reference(data, 128, 192)
+    # by default the raw format takes the tables the original derives on this CPU
+    assert torch_codec.reference_models is torch_codec.models.original
+    out = torch_codec.decompress_reference(torch_codec.compress_reference(tiny_image), 128, 192)
     assert out.shape == (128, 192, 3)
     with pytest.raises(StreamError, match="does not fit"):
         torch_codec.decompress_reference(data, 256, 192)
@@ -78,6 +85,21 @@ def test_other_weights_refuse_the_stream(torch_codec, tiny_image, tiny_config):
     other = Codec(TorchBackend(OSDiffModel.random(tiny_config, seed=5)))
     with pytest.raises(StreamError, match="other model weights"):
         other.decompress(torch_codec.compress(tiny_image))
+
+
+def test_other_tables_refuse_the_stream(torch_codec, tiny_model, tiny_image):
+    """Same weights, one CDF entry derived differently (as by another build): refused up front,
+    and the message says that it is the tables."""
+    models = tiny_model.entropy_models
+    gaussian = GaussianConditional(models.config.entropy)
+    rows = [list(row) for row in gaussian.tables.cdfs]
+    rows[5][3] += 1
+    gaussian.tables = CdfTables(rows, gaussian.tables.offsets)
+    backend = TorchBackend(tiny_model)
+    backend.models = EntropyModels(models.config, models.entropy_bottleneck, gaussian, models.weights_id)
+    assert backend.models.weights_id == models.weights_id and backend.models.tables_id != models.tables_id
+    with pytest.raises(StreamError, match="other entropy tables .* derived the CDF tables differently"):
+        Codec(backend).decompress(torch_codec.compress(tiny_image))
 
 
 def test_a_decoder_that_derives_one_index_differently_fails(tiny_model, torch_codec, tiny_image, monkeypatch):

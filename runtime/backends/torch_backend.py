@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from osdiff.calibration.precision import FP16_GRAPHS
 from osdiff.export.model import OSDiffModel
-from osdiff.runtime.backends.base import EntropyModels
 
 
 @dataclass
@@ -40,7 +39,7 @@ class TorchBackend:
             raise ValueError("no CUDA device here (torch.cuda.is_available() is False)")
         if (half or cuda_graphs or compile or channels_last) and self.device.type != "cuda":
             raise ValueError("fp16, channels_last, CUDA graphs and torch.compile are offered on CUDA only")
-        self.models = EntropyModels(model.config, model.entropy_bottleneck, model.gaussian, model.fingerprint)
+        self.models = model.entropy_models
         self.cuda_graphs = cuda_graphs
         self.graphs = model.graphs()
         self._dtype: dict[str, torch.dtype] = {}
