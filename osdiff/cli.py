@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from osdiff.config import ConfigError, ModelConfig
 from osdiff.engine.profiles import DEFAULT_PROFILE
-from osdiff.export.checkpoint import CheckpointError
+from osdiff.export.checkpoint import CheckpointError, CheckpointWarning
 from osdiff.files import ImageError, png_bytes, psnr, read_image, write_atomic
 from osdiff.runtime.coder import StreamError
 
@@ -96,7 +97,15 @@ def load_model(sd: str | None, osdiff_ckpt: str | None, config: str | None, rand
     if not (sd or osdiff_ckpt):
         raise click.UsageError("give --sd and --osdiff checkpoints (or --random-weights)")
     click.echo("loading checkpoints ...", err=True)
-    return OSDiffModel.load(sd, osdiff_ckpt, cfg)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", CheckpointWarning)
+        model = OSDiffModel.load(sd, osdiff_ckpt, cfg)
+    for note in notes:
+        if issubclass(note.category, CheckpointWarning):
+            click.echo(f"note: {note.message}", err=True)
+        else:
+            warnings.showwarning(note.message, note.category, note.filename, note.lineno)
+    return model
 
 
 def open_backend(backend: str | None, engines: str | None, device: str, precision: str, provider: str,
