@@ -21,7 +21,7 @@ import numpy as np
 from osdiff.config import ConfigError, ModelConfig
 from osdiff.engine.profiles import DEFAULT_PROFILE
 from osdiff.export.checkpoint import CheckpointError, CheckpointWarning
-from osdiff.files import ImageError, png_bytes, psnr, read_image, write_atomic
+from osdiff.files import ImageError, ImageWarning, png_bytes, psnr, read_image, write_atomic
 from osdiff.runtime.coder import StreamError
 
 if TYPE_CHECKING:
@@ -189,7 +189,11 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, **option
     codec = Codec(open_backend(**options))
 
     def work(src: str, dst: Path) -> str:
-        image = read_image(src)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", ImageWarning)
+            image = read_image(src)
+        for note in notes:
+            click.echo(f"note: {note.message}", err=True)
         data = codec.compress(image, seed=seed) if fmt == "osd" else codec.compress_reference(image)
         write_atomic(dst, data)
         return f"{len(data)} bytes, {len(data) * 8 / (image.shape[0] * image.shape[1]):.4f} bpp"
