@@ -17,6 +17,9 @@ from osdiff.runtime.coder import StreamError
 MAGIC = b"OD"
 VERSION = 1
 FLAG_EXTENSIONS = 0x1
+FLAG_CRITICAL = 0x2  # an extension changes how the stream decodes: unknown tags are an error
+TAG_TILES = 1  # the VAE decoder's tile grid (runtime/tiling.py): varint tile, varint overlap
+CRITICAL_TAGS = {TAG_TILES}
 MAX_SIDE = 65535
 MAX_EXTENSIONS = 16
 FINGERPRINT_BYTES = 2
@@ -94,7 +97,8 @@ class OsdStream:
         if len(self.fingerprint) != FINGERPRINT_BYTES:
             raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
         out = bytearray(MAGIC)
-        out.append((VERSION << 4) | (FLAG_EXTENSIONS if self.extensions else 0))
+        critical = FLAG_CRITICAL if CRITICAL_TAGS & set(self.extensions) else 0
+        out.append((VERSION << 4) | (FLAG_EXTENSIONS if self.extensions else 0) | critical)
         for v in (self.height, self.width, self.seed):
             _put_varint(out, v)
         out += self.fingerprint
@@ -120,7 +124,7 @@ class OsdStream:
         version, flags = vf >> 4, vf & 0xF
         if version != VERSION:
             raise StreamError(f".osd version {version} is not supported (this build reads version {VERSION})")
-        if flags & ~FLAG_EXTENSIONS:
+        if flags & ~(FLAG_EXTENSIONS | FLAG_CRITICAL) or (flags & FLAG_CRITICAL and not flags & FLAG_EXTENSIONS):
             raise StreamError(f"unknown .osd flags 0x{flags:x}")
         height = r.varint("height", MAX_SIDE)
         width = r.varint("width", MAX_SIDE)
@@ -135,11 +139,33 @@ class OsdStream:
             for _ in range(count):
                 tag = r.varint("extension tag", (1 << 32) - 1)
                 extensions[tag] = r.take(r.varint("extension length", len(data)), "extension")
+        unknown = set(extensions) - CRITICAL_TAGS
+        if flags & FLAG_CRITICAL and unknown:
+            raise StreamError(f"the stream needs extension(s) {sorted(unknown)} to decode, which this decoder does not know")
         z_string = r.take(z_len, "z string")
         y_len = len(data) - r.pos - CHECK_BYTES
         y_string = r.take(y_len, "y string")
         (check,) = struct.unpack("<I", r.take(CHECK_BYTES, "check value"))
         return OsdStream(height, width, seed, fingerprint, z_string, y_string, check, extensions)
+
+
+def tile_grid(stream: OsdStream) -> tuple[int, int] | None:
+    """(tile, overlap) in pixels from the tiles extension, or None: the VAE decodes whole."""
+    payload = stream.extensions.get(TAG_TILES)
+    if payload is None:
+        return None
+    r = _Reader(payload)
+    tile, overlap = r.varint("tile size", MAX_SIDE), r.varint("tile overlap", MAX_SIDE)
+    if r.pos != len(payload) or not 0 <= overlap < tile:
+        raise StreamError(f"bad tile grid extension (tile {tile}, overlap {overlap})")
+    return tile, overlap
+
+
+def tile_extension(tile: int, overlap: int) -> bytes:
+    out = bytearray()
+    _put_varint(out, tile)
+    _put_varint(out, overlap)
+    return bytes(out)
 
 
 def write_reference(z_shape: tuple[int, int], y_string: bytes, z_string: bytes) -> bytes:
