@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 # Candidate tile sides (pixels), largest first: the codec takes the largest that fits.
-TILE_SIZES = (2048, 1536, 1024, 768, 512, 256)
+TILE_SIZES = (2048, 1536, 1024, 768, 512, 384, 256, 128)
 
 
 @dataclass(frozen=True)

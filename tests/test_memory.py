@@ -96,7 +96,9 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tiny_model, monkeypat
         codec.compress(image)  # not even the smallest tile fits
 
 
-def test_tiles_are_chosen_when_the_whole_image_does_not_fit_and_travel_in_the_stream(tiny_model, codec, tiny_image):
+def test_tiles_are_chosen_when_the_whole_image_does_not_fit_and_travel_in_the_stream(tiny_model, codec, tiny_image,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(memory, "process_rss", lambda: 2**30)  # a process that does not grow meanwhile
     m = tiny_model.config.pad_multiple
     image = np.tile(tiny_image, (2, 2, 1))[: 3 * m, : 4 * m]
     whole = max(codec.estimate(*image.shape[:2], d, None).total for d in (False, True))
