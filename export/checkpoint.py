@@ -13,14 +13,14 @@ in one error that lists them all.
 
 from __future__ import annotations
 
-import collections
-import zipfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from osdiff.config import ModelConfig
+from osdiff.export import safe_unpickle
 
 
 class CheckpointError(ValueError):
@@ -32,18 +32,18 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-# What Lightning pickles besides tensors and builtins: its hyper_parameters are an
-# AttributeDict, a dict subclass, rebuilt here as a plain OrderedDict. Only data types belong
-# here: torch's weights-only unpickler refuses every other global, so no code in a file runs.
-_LIGHTNING_DATA = [
-    (collections.OrderedDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
-    (collections.OrderedDict, "lightning_fabric.utilities.data.AttributeDict"),
-    (collections.OrderedDict, "lightning.fabric.utilities.data.AttributeDict"),
-]
+class CheckpointWarning(UserWarning):
+    """Parts of a checkpoint that were read as opaque data and ignored (shown by the CLI)."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .ckpt/.pt/.pth (torch zip or legacy pickle) or .safetensors file."""
+    """The tensors of a .ckpt/.pt/.pth (torch.save's zip format) or .safetensors file.
+
+    A torch file is read as data without running any of its code (export/safe_unpickle.py):
+    a file that names a code-running callable is refused with "this file tries to run code";
+    objects of other classes (Lightning callbacks, OmegaConf configs in hyper_parameters, ...)
+    load as opaque placeholders, are ignored, and are named in a CheckpointWarning.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -53,9 +53,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return _read_safetensors(path)
     obj = _torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        ignored = _ignored(obj)
+        if ignored:
+            warnings.warn(f"{path}: ignored: {ignored}", CheckpointWarning, stacklevel=2)
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: holds no state dict (found {type(obj).__name__})")
+        raise CheckpointError(f"{path}: holds no state dict (found {_kind(obj)})")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {bad[:5]}")
@@ -73,27 +76,54 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> object:
-    # mmap keeps a 5 GB SD checkpoint out of RAM until its tensors are copied into modules;
-    # it needs the zip format, which every torch >= 1.6 checkpoint uses.
-    mmap = zipfile.is_zipfile(path)
     try:
-        with torch.serialization.safe_globals(_LIGHTNING_DATA):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... per cause
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "Unsupported global" in str(e) or "Weights only load failed" in str(e):
-            raise CheckpointError(
-                f"{path}: refused: the file contains pickled objects other than tensors and plain data "
-                f"(loading it would run code from the file). {_unsupported_global(str(e))}"
-            ) from e
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {msg}") from e
+        return safe_unpickle.load(path)
+    except safe_unpickle.CodeRunningPickle as e:
+        raise CheckpointError(f"{path}: refused: {e} (nothing of it was run)") from e
+    except safe_unpickle.UnpickleError as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it: {e}") from e
 
 
-def _unsupported_global(message: str) -> str:
-    for line in message.splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return line.strip()
-    return ""
+def _kind(obj: object) -> str:
+    return f"an object of unknown class {safe_unpickle.opaque_class_name(obj)}" if safe_unpickle.is_opaque(obj) \
+        else type(obj).__name__
+
+
+def _ignored(checkpoint: dict) -> str:
+    """What besides the state dict holds objects of unknown classes, in words:
+    "callbacks: 1 entry of unknown class pytorch_lightning.callbacks.ModelCheckpoint"."""
+    parts = []
+    for key, value in checkpoint.items():
+        if key == "state_dict":
+            continue
+        if isinstance(value, dict):
+            found = [_unknown_classes((k, v)) for k, v in value.items()]
+            n, classes = sum(1 for f in found if f), set().union(*found)
+            if n:
+                parts.append(f"{key}: {n} {'entry' if n == 1 else 'entries'} of unknown class "
+                             f"{', '.join(sorted(classes))}")
+        else:
+            classes = _unknown_classes(value)
+            if classes:
+                parts.append(f"{key}: unknown class {', '.join(sorted(classes))}")
+    return "; ".join(parts)
+
+
+def _unknown_classes(obj: object, depth: int = 0) -> set[str]:
+    """Names of the placeholder classes inside a loaded value (containers followed 8 deep)."""
+    if safe_unpickle.is_opaque(obj):
+        return {safe_unpickle.opaque_class_name(obj)}
+    if depth >= 8:
+        return set()
+    if isinstance(obj, dict):
+        items: list[object] = [x for kv in obj.items() for x in kv]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    else:
+        return set()
+    return set().union(*(_unknown_classes(x, depth + 1) for x in items)) if items else set()
 
 
 def describe(sd: dict[str, torch.Tensor]) -> str:

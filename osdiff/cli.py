@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -19,13 +20,14 @@ import numpy as np
 
 from osdiff.config import ConfigError, ModelConfig
 from osdiff.engine.profiles import DEFAULT_PROFILE
-from osdiff.export.checkpoint import CheckpointError
-from osdiff.files import ImageError, png_bytes, psnr, read_image, write_atomic
+from osdiff.export.checkpoint import CheckpointError, CheckpointWarning
+from osdiff.files import ImageError, ImageWarning, png_bytes, psnr, read_image, write_atomic
 from osdiff.runtime.coder import StreamError
 
 if TYPE_CHECKING:
     from osdiff.export.model import OSDiffModel
     from osdiff.runtime.backends.base import Backend
+    from osdiff.runtime.codec import Codec
 
 # ImageError, ExportError and the TensorRT errors are ValueErrors too
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, StreamError, ConfigError, ImageError, ValueError, OSError)
@@ -78,6 +80,9 @@ def backend_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Precision of the heavy stages; entropy-model graphs always run fp32."),
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="onnxruntime execution provider."),
+        click.option("--max-memory", default=None, metavar="SIZE",
+                     help="Memory a run may take in all (e.g. 6G); default: what the machine has free. A run "
+                          "that would need more is refused before it starts."),
     ]):
         fn = option(fn)
     return checkpoint_options(fn)
@@ -96,7 +101,23 @@ def load_model(sd: str | None, osdiff_ckpt: str | None, config: str | None, rand
     if not (sd or osdiff_ckpt):
         raise click.UsageError("give --sd and --osdiff checkpoints (or --random-weights)")
     click.echo("loading checkpoints ...", err=True)
-    return OSDiffModel.load(sd, osdiff_ckpt, cfg)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", CheckpointWarning)
+        model = OSDiffModel.load(sd, osdiff_ckpt, cfg)
+    for note in notes:
+        if issubclass(note.category, CheckpointWarning):
+            click.echo(f"note: {note.message}", err=True)
+        else:
+            warnings.showwarning(note.message, note.category, note.filename, note.lineno)
+    return model
+
+
+def open_codec(max_memory: str | None, **options: Any) -> "Codec":
+    from osdiff.runtime.codec import Codec
+    from osdiff.runtime.memory import parse_size
+
+    limit = parse_size(max_memory) if max_memory else None
+    return Codec(open_backend(**options), max_memory=limit)
 
 
 def open_backend(backend: str | None, engines: str | None, device: str, precision: str, provider: str,
@@ -172,17 +193,25 @@ def export(output: str, fp16: bool, only: tuple[str, ...], **checkpoints: Any) -
 @click.option("--format", "fmt", type=click.Choice(["osd", "reference"]), default="osd", show_default=True,
               help="reference: the original implementation's raw stream (no size, seed or check value), coded with "
                    "the entropy tables the original derives on this CPU (docs/entropy-tables.md).")
+@click.option("--tile", default="auto", show_default=True,
+              help='VAE tiles for images too large for memory: "auto" (whole image when it fits, else the largest '
+                   'tile that does), "off", or a tile side in pixels. The grid is stored in the stream.')
 @backend_options
 @user_errors
-def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, **options: Any) -> None:
+def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: str, **options: Any) -> None:
     """Compress images (PNG, JPEG, ...) to .osd streams."""
-    from osdiff.runtime.codec import Codec
-
-    codec = Codec(open_backend(**options))
+    if tile not in ("auto", "off") and not tile.isdigit():
+        raise click.UsageError(f'--tile must be "auto", "off" or a number of pixels, got {tile!r}')
+    tiles: int | str | None = None if tile == "off" else tile if tile == "auto" else int(tile)
+    codec = open_codec(**options)
 
     def work(src: str, dst: Path) -> str:
-        image = read_image(src)
-        data = codec.compress(image, seed=seed) if fmt == "osd" else codec.compress_reference(image)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", ImageWarning)
+            image = read_image(src)
+        for note in notes:
+            click.echo(f"note: {note.message}", err=True)
+        data = codec.compress(image, seed=seed, tile=tiles) if fmt == "osd" else codec.compress_reference(image)
         write_atomic(dst, data)
         return f"{len(data)} bytes, {len(data) * 8 / (image.shape[0] * image.shape[1]):.4f} bpp"
 
@@ -201,8 +230,6 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, **option
 @user_errors
 def decompress(streams: tuple[str, ...], output: str, fmt: str, size: str | None, seed: int, **options: Any) -> None:
     """Decompress .osd streams to PNG images."""
-    from osdiff.runtime.codec import Codec
-
     if fmt == "reference":
         if not size:
             raise click.UsageError("--format reference needs --size HxW")
@@ -210,7 +237,7 @@ def decompress(streams: tuple[str, ...], output: str, fmt: str, size: str | None
             height, width = (int(v) for v in size.lower().split("x"))
         except ValueError:
             raise click.UsageError(f"--size must be HxW, got {size!r}") from None
-    codec = Codec(open_backend(**options))
+    codec = open_codec(**options)
 
     def work(src: str, dst: Path) -> str:
         data = Path(src).read_bytes()

@@ -17,6 +17,9 @@ from osdiff.runtime.coder import StreamError
 MAGIC = b"OD"
 VERSION = 2
 FLAG_EXTENSIONS = 0x1
+FLAG_CRITICAL = 0x2  # an extension changes how the stream decodes: unknown tags are an error
+TAG_TILES = 1  # the VAE decoder's tile grid (runtime/tiling.py): varint tile, varint overlap
+CRITICAL_TAGS = {TAG_TILES}
 MAX_SIDE = 65535
 MAX_EXTENSIONS = 16
 ID_BYTES = 2  # of the model's weights id, and of its tables id
@@ -95,7 +98,8 @@ class OsdStream:
         if len(self.weights_id) != ID_BYTES or len(self.tables_id) != ID_BYTES:
             raise ValueError(f"the weights and tables ids must be {ID_BYTES} bytes each")
         out = bytearray(MAGIC)
-        out.append((VERSION << 4) | (FLAG_EXTENSIONS if self.extensions else 0))
+        critical = FLAG_CRITICAL if CRITICAL_TAGS & set(self.extensions) else 0
+        out.append((VERSION << 4) | (FLAG_EXTENSIONS if self.extensions else 0) | critical)
         for v in (self.height, self.width, self.seed):
             _put_varint(out, v)
         out += self.weights_id + self.tables_id
@@ -124,7 +128,7 @@ class OsdStream:
                               "computed it, so this build cannot check it; decode it with osdiff-engine 0.1 and re-encode")
         if version != VERSION:
             raise StreamError(f".osd version {version} is not supported (this build reads version {VERSION})")
-        if flags & ~FLAG_EXTENSIONS:
+        if flags & ~(FLAG_EXTENSIONS | FLAG_CRITICAL) or (flags & FLAG_CRITICAL and not flags & FLAG_EXTENSIONS):
             raise StreamError(f"unknown .osd flags 0x{flags:x}")
         height = r.varint("height", MAX_SIDE)
         width = r.varint("width", MAX_SIDE)
@@ -140,11 +144,33 @@ class OsdStream:
             for _ in range(count):
                 tag = r.varint("extension tag", (1 << 32) - 1)
                 extensions[tag] = r.take(r.varint("extension length", len(data)), "extension")
+        unknown = set(extensions) - CRITICAL_TAGS
+        if flags & FLAG_CRITICAL and unknown:
+            raise StreamError(f"the stream needs extension(s) {sorted(unknown)} to decode, which this decoder does not know")
         z_string = r.take(z_len, "z string")
         y_len = len(data) - r.pos - CHECK_BYTES
         y_string = r.take(y_len, "y string")
         (check,) = struct.unpack("<I", r.take(CHECK_BYTES, "check value"))
         return OsdStream(height, width, seed, weights_id, tables_id, z_string, y_string, check, extensions)
+
+
+def tile_grid(stream: OsdStream) -> tuple[int, int] | None:
+    """(tile, overlap) in pixels from the tiles extension, or None: the VAE decodes whole."""
+    payload = stream.extensions.get(TAG_TILES)
+    if payload is None:
+        return None
+    r = _Reader(payload)
+    tile, overlap = r.varint("tile size", MAX_SIDE), r.varint("tile overlap", MAX_SIDE)
+    if r.pos != len(payload) or not 0 <= overlap < tile:
+        raise StreamError(f"bad tile grid extension (tile {tile}, overlap {overlap})")
+    return tile, overlap
+
+
+def tile_extension(tile: int, overlap: int) -> bytes:
+    out = bytearray()
+    _put_varint(out, tile)
+    _put_varint(out, overlap)
+    return bytes(out)
 
 
 def write_reference(z_shape: tuple[int, int], y_string: bytes, z_string: bytes) -> bytes:

@@ -5,6 +5,15 @@
                 step, noise from the stream's seed) -> vae_decoder -> crop
 
 Every malformed stream raises bitstream.StreamError before the heavy stages run.
+
+Memory. Before a run, its peak is estimated (runtime/memory.py) and checked against what the
+machine has, or `max_memory`; a run that cannot fit raises MemoryLimitError before allocating.
+When the whole-image VAE does not fit, compress (tile="auto") picks the largest VAE tile that
+does (runtime/tiling.py) and writes the decoder's tile grid into the stream, so that every
+decoder decodes it the same way.
+
+Threads. A Codec holds no per-call state: one may be shared by threads when its backend may
+(runtime/backends/base.py says which may).
 """
 
 from __future__ import annotations
@@ -13,11 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from osdiff.runtime import memory
 from osdiff.runtime.backends.base import Backend, EntropyModels
-from osdiff.runtime.bitstream import ID_BYTES, OsdStream, StreamError, read_reference, symbol_check, write_reference
+from osdiff.runtime.bitstream import (
+    ID_BYTES, TAG_TILES, OsdStream, StreamError, read_reference, symbol_check, tile_extension, tile_grid, write_reference,
+)
 from osdiff.runtime.latent_codec import CodedLatent, compress_latent, decompress_latent
 from osdiff.runtime.noise import gaussian_noise
 from osdiff.runtime.profiling import NO_TRACE, Trace
+from osdiff.runtime.tiling import TILE_SIZES, TileGrid, run_tiled
 
 # Default bound on decoded image size: a stream asks for a size before anything proves it
 # genuine, so the decoder refuses absurd ones instead of allocating for them.
@@ -38,18 +51,23 @@ def tensor_to_image(x: Tensor) -> np.ndarray:
 
 
 class Codec:
-    """reference_tables: the entropy tables the original implementation's raw stream format is
+    """max_memory: bytes a run may take in all (None: what the process holds plus what the
+    machine has free, at the time of the run).
+
+    reference_tables: the entropy tables the original implementation's raw stream format is
     coded with. "original" (default): derived as the original derives them on this CPU, so that
     its streams from a machine like this one decode; "canonical": the portable ones .osd
     streams always use (docs/entropy-tables.md)."""
 
-    def __init__(self, backend: Backend, max_pixels: int = DEFAULT_MAX_PIXELS, reference_tables: str = "original") -> None:
+    def __init__(self, backend: Backend, max_pixels: int = DEFAULT_MAX_PIXELS, max_memory: int | None = None,
+                 reference_tables: str = "original") -> None:
         if reference_tables not in ("original", "canonical"):
             raise ValueError(f"reference_tables must be 'original' or 'canonical', not {reference_tables!r}")
         self.backend = backend
         self.models = backend.models
         self.cfg = backend.models.config
         self.max_pixels = max_pixels
+        self.max_memory = max_memory
         self.reference_tables = reference_tables
 
     @property
@@ -62,29 +80,74 @@ class Codec:
 
     # --- encode ----------------------------------------------------------------------------
 
-    def compress(self, image: np.ndarray, seed: int = 0, trace: Trace = NO_TRACE) -> bytes:
-        return self.compress_batch([image], [seed], trace)[0]
+    def compress(self, image: np.ndarray, seed: int = 0, trace: Trace = NO_TRACE, tile: int | str | None = "auto") -> bytes:
+        return self.compress_batch([image], [seed], trace, tile)[0]
 
     def compress_batch(self, images: list[np.ndarray], seeds: list[int] | None = None,
-                       trace: Trace = NO_TRACE) -> list[bytes]:
+                       trace: Trace = NO_TRACE, tile: int | str | None = "auto") -> list[bytes]:
         """Images of one size: the VAE encoder and G_a run on the batch, the entropy coding
-        per image (each image is its own stream)."""
+        per image (each image is its own stream). tile: "auto" (whole-image VAE when it fits
+        in memory, else the largest tile that does), None (whole image or MemoryLimitError),
+        or a tile side in pixels (a multiple of the pad multiple)."""
         seeds = seeds if seeds is not None else [0] * len(images)
+        grid = self.plan(*images[0].shape[:2], tile, batch=len(images))
         out = []
-        for image, seed, coded in zip(images, seeds, self.encode_latents(images, trace)):
+        for image, seed, coded in zip(images, seeds, self.encode_latents(images, trace, grid)):
             height, width = image.shape[:2]
             stream = OsdStream(height, width, seed, self.models.weights_id[:ID_BYTES], self.models.tables_id[:ID_BYTES],
                                coded.z_string, coded.y_string)
+            if grid is not None:
+                stream.extensions[TAG_TILES] = tile_extension(grid.tile, grid.overlap)
             stream.check = symbol_check(stream.header(), coded.symbols)
             out.append(stream.to_bytes())
         return out
 
+    # --- memory ----------------------------------------------------------------------------
+
+    def estimate(self, height: int, width: int, decode: bool, grid: TileGrid | None, batch: int = 1) -> memory.Estimate:
+        """Peak memory of compressing (or decompressing) one image of height x width."""
+        hp, wp = self.padded_size(height, width)
+        what = f"{'decompressing' if decode else 'compressing'} a {width}x{height} image" + \
+            (f" (VAE in {grid.tile}-pixel tiles)" if grid else "")
+        # the ONNX Runtime backend loads a graph's weights on its first run
+        pending = getattr(self.backend, "unloaded_bytes", None)
+        held = memory.resident(self.backend.device) + (pending(decode) if pending else 0)
+        est = memory.estimate(self.cfg, self.backend.name, decode, hp, wp, what, grid.tile if grid else None, held)
+        est.activations *= batch
+        return est
+
+    def _limit(self) -> int:
+        return memory.budget(self.max_memory, self.backend.device)
+
+    def plan(self, height: int, width: int, tile: int | str | None, batch: int = 1) -> TileGrid | None:
+        """The VAE tile grid for an image (None: whole), checked to fit in memory for both
+        compressing and decompressing; MemoryLimitError before anything is allocated if not."""
+        m = self.cfg.pad_multiple
+        limit = self._limit()
+        if tile == "auto":
+            hp, wp = self.padded_size(height, width)
+            candidates = [None] + [TileGrid.default(t, m) for t in TILE_SIZES if t % m == 0 and t < max(hp, wp)]
+        else:
+            candidates = [None if tile is None else TileGrid.default(int(tile), m)]
+        for grid in candidates:
+            if grid is not None:
+                grid.check(m)
+            worst = max((self.estimate(height, width, d, grid, batch) for d in (False, True)), key=lambda e: e.total)
+            if worst.total <= limit:
+                return grid
+        remedy = ("the stages at latent resolution do not fit either: use a smaller image or more memory"
+                  if tile == "auto" else "use tiles (--tile auto, or a smaller --tile), a smaller image or more memory")
+        memory.check(worst, limit, remedy)
+        return None  # unreachable: check raised
+
     def compress_reference(self, image: np.ndarray, trace: Trace = NO_TRACE) -> bytes:
-        """The original implementation's stream format (see decompress_reference)."""
-        (coded,) = self.encode_latents([image], trace, self.reference_models)
+        """The original implementation's stream format (see decompress_reference); it has no
+        room for a tile grid, so the image must fit whole."""
+        self.plan(*image.shape[:2], None)
+        (coded,) = self.encode_latents([image], trace, models=self.reference_models)
         return write_reference(coded.z_shape, coded.y_string, coded.z_string)
 
-    def encode_latents(self, images: list[np.ndarray], trace: Trace = NO_TRACE,
+    def encode_latents(self, images: list[np.ndarray], trace: Trace = NO_TRACE, grid: TileGrid | None = None,
                        models: EntropyModels | None = None) -> list[CodedLatent]:
         if len({im.shape for im in images}) != 1:
             raise ValueError("a batch needs images of one size")
@@ -97,7 +160,10 @@ class Codec:
         with trace("upload"):
             x = x.to(self.backend.device)
         with trace("vae_encoder"):
-            (y0,) = run("vae_encoder", x)
+            if grid is None:
+                (y0,) = run("vae_encoder", x)
+            else:
+                y0 = run_tiled(lambda t: run("vae_encoder", t)[0], x, grid, 1, self.cfg.latent_downsample)
         with trace("analysis"):
             y, z = run("analysis", y0)
         m = models or self.models
@@ -134,13 +200,23 @@ class Codec:
                     f"{tables_id.hex()}): same weights, but its encoder derived the CDF tables differently (another "
                     "osdiff-engine version, or a modified build), so its symbols cannot be read here")
             self._check_size(stream.height, stream.width)
-        if len({(s.height, s.width) for s in streams}) != 1:
-            raise ValueError("a batch needs streams of one image size")
+        if len({(s.height, s.width, s.extensions.get(TAG_TILES)) for s in streams}) != 1:
+            raise ValueError("a batch needs streams of one image size and tile grid")
         return streams
 
     def _decompress(self, streams: list[OsdStream], trace: Trace) -> Tensor:
         f = self.cfg.pad_multiple
         hp, wp = self.padded_size(streams[0].height, streams[0].width)
+        tiles = tile_grid(streams[0])
+        grid = None if tiles is None else TileGrid(*tiles)
+        if grid is not None:
+            try:
+                grid.check(f)
+            except ValueError as e:
+                raise StreamError(f"the stream's {e}") from e
+        est = self.estimate(streams[0].height, streams[0].width, True, grid, len(streams))
+        memory.check(est, self._limit(), "decode it on a machine with more memory (the tile grid is fixed by the "
+                                         "stream; re-encode with a smaller --tile to need less)")
         y_hats = []
         for stream in streams:
             coded = CodedLatent(stream.z_string, stream.y_string, (hp // f, wp // f), [])
@@ -151,7 +227,7 @@ class Codec:
                     "indexes differently from the encoder (another backend or precision)"
                 )
         size = (streams[0].height, streams[0].width)
-        return self.decode_image(torch.cat(y_hats), [s.seed for s in streams], size, trace)
+        return self.decode_image(torch.cat(y_hats), [s.seed for s in streams], size, trace, grid=grid)
 
     def decompress_reference(self, data: bytes, height: int, width: int, seed: int = 0, trace: Trace = NO_TRACE) -> np.ndarray:
         """The original implementation's stream format, which stores no image size (the user
@@ -166,6 +242,8 @@ class Codec:
         f = self.cfg.pad_multiple
         if z_shape != (hp // f, wp // f):
             raise StreamError(f"the stream's z shape {z_shape} does not fit a {height}x{width} image")
+        memory.check(self.estimate(height, width, True, None), self._limit(),
+                     "the reference format decodes whole images only: use a machine with more memory")
         y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace, self.reference_models)
         return self.decode_image(y_hat, seed, (height, width), trace, x_T)
 
@@ -185,10 +263,10 @@ class Codec:
             raise StreamError(f"the entropy-coded data is inconsistent with its header: {e}") from e
 
     def decode_image(self, y_hat: Tensor, seed: int | list[int], size: tuple[int, int], trace: Trace = NO_TRACE,
-                     x_T: Tensor | None = None) -> Tensor:
+                     x_T: Tensor | None = None, grid: TileGrid | None = None) -> Tensor:
         """y_hat (B images) -> B x 3 x H x W float32 in [0, 1], cropped, on the CPU. seed: one
         per image; x_T: the noise, when not drawn from the seeds (golden-data checks give the
-        reference's own)."""
+        reference's own); grid: the VAE decoder's tiles (None: whole image)."""
         b, _, h, w = y_hat.shape
         with trace("noise"):
             if x_T is None:
@@ -198,7 +276,7 @@ class Codec:
                 x_T = torch.from_numpy(np.concatenate([gaussian_noise(s, shape) for s in seeds]))
             x_T = x_T.to(self.backend.device)
         decode_tail = getattr(self.backend, "decode_tail", None)
-        if decode_tail is not None:  # the backend runs the three stages as one CUDA graph
+        if decode_tail is not None and grid is None:  # the backend runs the three stages as one CUDA graph
             with trace("synthesis+denoiser+vae_decoder"):
                 image = decode_tail(y_hat, x_T)
         else:
@@ -208,6 +286,9 @@ class Codec:
             with trace("denoiser"):
                 (y_r,) = run("denoiser", y_c, x_T)
             with trace("vae_decoder"):
-                (image,) = run("vae_decoder", y_r)
+                if grid is None:
+                    (image,) = run("vae_decoder", y_r)
+                else:
+                    image = run_tiled(lambda t: run("vae_decoder", t)[0], y_r, grid, self.cfg.latent_downsample, 1)
         with trace("download"):
             return image[:, :, : size[0], : size[1]].float().cpu()

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
+import importlib
 import json
+import os
 import pickle
+import re
 import sys
 import types
+import typing
+import warnings
+import zipfile
+
+import numpy as np
 
 import pytest
 import torch
 
-from conftest import REFERENCE
+from conftest import REFERENCE, assert_close_rel
 from osdiff.config import ModelConfig
+from osdiff.export import safe_unpickle
 from osdiff.export.checkpoint import (
     DERIVED,
     CheckpointError,
+    CheckpointWarning,
     describe,
     eb_canonical,
     expected_keys,
@@ -23,6 +35,7 @@ from osdiff.export.checkpoint import (
     split_by_stage,
 )
 from osdiff.export.model import OSDiffModel
+from osdiff.export.safe_unpickle import CODE_RUNNING
 
 
 def test_expected_keys_of_the_full_model_equal_the_reference_manifest():
@@ -55,44 +68,281 @@ class _Boom:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, legacy):
+class _Shell:
+    """Pickles to os.system("touch MARKER")."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("payload", [_Boom, _Shell])
+def test_an_armed_pickle_is_refused_and_runs_nothing(tmp_path, payload):
     marker = tmp_path / "pwned"
-    _Boom.marker = str(marker)
+    payload.marker = str(marker)
     path = tmp_path / "evil.ckpt"
-    payload = {"state_dict": {"w": torch.zeros(1)}, "extra": _Boom()}
-    if legacy:
-        path.write_bytes(pickle.dumps(payload))
-    else:
-        torch.save(payload, path)
-    # the payload really is armed: plain pickle would run it
-    with pytest.raises(CheckpointError, match="(refused|not a readable)"):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": payload()}, path)
+    with pytest.raises(CheckpointError, match="this file tries to run code"):
         read_state_dict(path)
     assert not marker.exists()
-    if not legacy:
-        torch.load(path, weights_only=False)  # what an unsafe loader does
-        assert marker.exists()
+    torch.load(path, weights_only=False)  # the payload really is armed: an unsafe loader runs it
+    assert marker.exists()
 
 
-def test_lightning_hyper_parameters_are_accepted(tmp_path):
-    """Lightning stores hyper_parameters as its AttributeDict: plain data, allowed."""
-    module = types.ModuleType("pytorch_lightning.utilities.parsing")
+def _archive(path, pickle_bytes: bytes) -> None:
+    """A torch.save-layout zip around a hand-written pickle."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/byteorder", "little")
 
-    class AttributeDict(dict):
-        pass
 
-    AttributeDict.__module__, AttributeDict.__qualname__ = module.__name__, "AttributeDict"
-    module.AttributeDict = AttributeDict
-    for name in ("pytorch_lightning", "pytorch_lightning.utilities", "pytorch_lightning.utilities.parsing"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["pytorch_lightning.utilities.parsing"] = module
+def _calls(module: str, name: str) -> bytes:
+    """Protocol-2 pickle of {"state_dict": {}, "x": module.name("arg")}."""
+    return (b"\x80\x02}q\x00(X\x0a\x00\x00\x00state_dict}X\x01\x00\x00\x00xc" + f"{module}\n{name}\n".encode()
+            + b"X\x03\x00\x00\x00arg\x85Ru.")
+
+
+# every listed name of every family, and a representative of the families listed whole
+_CALLABLES = sorted(
+    {(m, n) for m, names in CODE_RUNNING.items() for n in names}
+    | {(m, n) for m, n in [("os", "system"), ("os", "execv"), ("os", "execvp"), ("os", "spawnl"), ("os", "popen"),
+                           ("os", "posix_spawn"), ("os", "remove"), ("posix", "system"), ("posix", "execv"),
+                           ("nt", "system"), ("subprocess", "Popen"), ("subprocess", "call"), ("subprocess", "run"),
+                           ("subprocess", "check_output"), ("runpy", "run_path"), ("runpy", "run_module"),
+                           ("importlib", "import_module"), ("importlib.util", "spec_from_file_location"),
+                           ("_pickle", "loads"), ("marshal", "loads"), ("ctypes", "CDLL"), ("shutil", "rmtree"),
+                           ("sys", "exit"), ("pty", "spawn"), ("code", "interact")]}
+)
+
+
+@pytest.mark.parametrize("module,name", _CALLABLES, ids=[f"{m}.{n}" for m, n in _CALLABLES])
+def test_every_code_running_callable_is_refused_before_anything_runs(tmp_path, module, name):
+    """Each one is replaced by a tripwire where it exists (for the duration of the read only),
+    so that even a resolved name could not run unnoticed; the file must be refused by name and
+    the tripwire never touched. Builtins cannot be swapped out under the reader itself: for
+    eval, exec and open the marker-file payloads below prove it."""
+    path = tmp_path / "evil.ckpt"
+    _archive(path, _calls(module, name))
+    calls: list = []
     try:
-        torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": AttributeDict(lr=1e-4),
-                    "epoch": 3, "callbacks": {"x": {"best": torch.tensor(1.0)}}}, tmp_path / "l.ckpt")
+        mod = None if module in ("builtins", "__builtin__") else importlib.import_module(module)
+    except ImportError:
+        mod = None  # nt on Linux, dill, ...: refused by name all the same
+    original = getattr(mod, name, None)
+    if original is not None:
+        setattr(mod, name, lambda *a, **k: calls.append(a))
+    try:
+        with pytest.raises(CheckpointError) as e:
+            read_state_dict(path)
     finally:
-        for name in ("pytorch_lightning", "pytorch_lightning.utilities", "pytorch_lightning.utilities.parsing"):
-            sys.modules.pop(name, None)
-    assert torch.equal(read_state_dict(tmp_path / "l.ckpt")["w"], torch.ones(2))
+        if original is not None:
+            setattr(mod, name, original)
+    assert f"this file tries to run code: it calls {module}.{name}" in str(e.value)
+    assert calls == []
+
+
+@pytest.mark.parametrize("module,name,arg", [
+    ("builtins", "exec", "open({marker!r}, 'w').write('x')"),
+    ("builtins", "eval", "open({marker!r}, 'w').write('x')"),
+    ("builtins", "open", "{marker}"),
+])
+def test_builtin_payloads_leave_no_trace(tmp_path, module, name, arg):
+    marker = tmp_path / "pwned"
+    text = arg.format(marker=str(marker)).encode()
+    pickle_bytes = (b"\x80\x02}q\x00(X\x0a\x00\x00\x00state_dict}X\x01\x00\x00\x00xc" + f"{module}\n{name}\n".encode()
+                    + b"X" + len(text).to_bytes(4, "little") + text + b"X\x01\x00\x00\x00w\x86Ru.")
+    if name != "open":  # open takes (file, mode); exec and eval (source, globals): give them one argument
+        pickle_bytes = pickle_bytes.replace(b"X\x01\x00\x00\x00w\x86R", b"\x85R")
+    path = tmp_path / "evil.ckpt"
+    _archive(path, pickle_bytes)
+    with pytest.raises(CheckpointError, match="this file tries to run code"):
+        read_state_dict(path)
+    assert not marker.exists()
+    pickle.loads(pickle_bytes)  # armed: plain pickle creates the marker
+    assert marker.exists()
+
+
+# --- objects of classes the reader does not know: inert placeholders ---------------------------
+
+_RAN: list[str] = []
+
+
+def _would_run(*args):
+    _RAN.append("called")
+
+
+class _ReducesToACall:
+    def __reduce__(self):
+        return (_would_run, ("reduce",))
+
+
+class _BuildsState:
+    def __getstate__(self):
+        return {"a": 1}
+
+    def __setstate__(self, state):
+        _RAN.append("setstate")
+
+
+class _DictSubclass(dict):
+    def __setitem__(self, key, value):
+        _RAN.append("setitem")
+
+
+class _ListSubclass(list):
+    def append(self, value):
+        _RAN.append("append")
+
+    def extend(self, values):
+        _RAN.append("extend")
+
+
+class _NewObj:
+    def __new__(cls, *args):
+        _RAN.append("new")
+        return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol):
+        return (copyreg.__newobj__, (type(self), 1, 2))
+
+
+def test_unknown_classes_load_as_inert_placeholders(tmp_path):
+    """REDUCE, NEWOBJ, BUILD, SETITEMS and APPENDS on classes that are importable (this test
+    module) but unknown to the reader: nothing of theirs is imported or called."""
+    d, l = _DictSubclass(), _ListSubclass()
+    dict.__setitem__(d, "k", 1)
+    list.extend(l, [1, 2])
+    payload = {"state_dict": {"w": torch.ones(2)}, "a": _ReducesToACall(), "b": _BuildsState(), "c": d, "e": l,
+               "f": object.__new__(_NewObj), "g": {_BuildsState: "a class as a key"}}
+    torch.save(payload, tmp_path / "x.ckpt")
+    _RAN.clear()
+    obj = safe_unpickle.load(tmp_path / "x.ckpt")
+    assert _RAN == []
+    assert torch.equal(obj["state_dict"]["w"], torch.ones(2))
+    for key in "abcef":
+        assert safe_unpickle.is_opaque(obj[key]), key
+    (cls,) = obj["g"]
+    assert safe_unpickle.is_opaque(cls) and safe_unpickle.opaque_class_name(cls).endswith("test_checkpoint._BuildsState")
+    with pytest.warns(CheckpointWarning, match="ignored: .*g: 1 entry of unknown class .*_BuildsState"):
+        assert torch.equal(read_state_dict(tmp_path / "x.ckpt")["w"], torch.ones(2))
+
+
+# --- what training stacks write besides the tensors --------------------------------------------
+
+
+@contextlib.contextmanager
+def _fake_modules(classes: dict[str, type]):
+    """Make `module.Name` importable for pickle while saving (the real libraries need not be
+    installed); removed afterwards, so loading cannot import them either."""
+    added = []
+    for full, cls in classes.items():
+        module, _, name = full.rpartition(".")
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):
+            mod_name = ".".join(parts[:i])
+            if mod_name not in sys.modules:
+                sys.modules[mod_name] = types.ModuleType(mod_name)
+                added.append(mod_name)
+        cls.__module__, cls.__qualname__ = module, name
+        setattr(sys.modules[module], name, cls)
+    try:
+        yield
+    finally:
+        for mod_name in added:
+            sys.modules.pop(mod_name, None)
+
+
+class ModelCheckpoint:  # pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint, as ldm-era Lightning keys it
+    pass
+
+
+class DictConfig:
+    """Pickles like omegaconf's DictConfig: NEWOBJ, then a state dict holding metadata objects
+    and a typing reference."""
+
+    def __init__(self, content):
+        self._content = content
+
+    def __getstate__(self):
+        return {"_content": self._content, "_metadata": ContainerMetadata(), "_parent": None,
+                "_flags_cache": None}
+
+
+class ContainerMetadata:
+    def __init__(self):
+        self.ref_type = typing.Any
+        self.object_type = dict
+        self.key_type = typing.Any
+        self.flags = {}
+
+
+def _training_stack_checkpoint(tiny_dir, path, kind: str) -> None:
+    """The tiny OSDiff checkpoint, its tensors untouched, with what one training stack adds."""
+    ckpt = torch.load(tiny_dir / "osdiff_tiny.ckpt", map_location="cpu", weights_only=True)
+    if kind == "numpy":
+        ckpt.update(global_step=np.int64(12345), epoch=np.int64(7), best=np.float32(0.25),
+                    history=np.arange(4, dtype=np.int64))
+        torch.save(ckpt, path)
+    elif kind == "callbacks":
+        with _fake_modules({"pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint": ModelCheckpoint}):
+            ckpt["callbacks"] = {ModelCheckpoint: {"best_model_score": torch.tensor(0.5), "dirpath": "/ckpt"}}
+            torch.save(ckpt, path)
+    else:
+        classes = {"omegaconf.dictconfig.DictConfig": DictConfig, "omegaconf.base.ContainerMetadata": ContainerMetadata}
+        with _fake_modules(classes):
+            ckpt["hyper_parameters"] = {"config": DictConfig({"model": {"lr": 1e-4}}), "lr": 1e-4}
+            torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("kind,ignored", [
+    ("numpy", None),
+    ("callbacks", "callbacks: 1 entry of unknown class pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    ("omegaconf", "hyper_parameters: 1 entry of unknown class omegaconf.dictconfig.DictConfig"),
+])
+def test_training_stack_checkpoints_load_and_verify_against_golden_data(tiny_dir, tiny_config, tiny_model, golden,
+                                                                        tmp_path, kind, ignored):
+    path = tmp_path / f"osdiff_{kind}.ckpt"
+    _training_stack_checkpoint(tiny_dir, path, kind)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = OSDiffModel.load(tiny_dir / "sd21_tiny.ckpt", path, tiny_config)
+    notes = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    if ignored is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and f"ignored: {ignored}" in notes[0], notes
+    assert model.fingerprint == tiny_model.fingerprint
+    with torch.no_grad():  # and one stage straight against the golden data
+        decoded = model.stages["vae_decoder"](golden["y_r"])
+    assert_close_rel(decoded, golden["decoded"], name="decoded")
+    if kind == "numpy":
+        raw = safe_unpickle.load(path)
+        assert type(raw["global_step"]) is np.int64 and raw["global_step"] == 12345
+        assert raw["best"] == np.float32(0.25) and raw["history"].tolist() == [0, 1, 2, 3]
+
+
+def test_plain_pickles_and_legacy_files_are_named(tmp_path):
+    path = tmp_path / "plain.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": {"w": 1}}))
+    with pytest.raises(CheckpointError, match="legacy"):
+        read_state_dict(path)
+
+
+def test_a_view_past_its_storage_is_refused(tmp_path):
+    path = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4.0)}}, path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in members if n.endswith("data.pkl"))
+    # storage offset 0, size (4,) -> size (400,): BININT1 4 -> BININT2 400
+    assert b"K\x00K\x04\x85" in members[name]
+    members[name] = members[name].replace(b"K\x00K\x04\x85", b"K\x00M\x90\x01\x85")
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    with pytest.raises(CheckpointError, match="not a readable"):
+        read_state_dict(path)
 
 
 @pytest.mark.parametrize("name", ["sd21_tiny.ckpt", "weights.safetensors"])

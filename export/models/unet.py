@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from osdiff.config import ControlConfig, DiffusionConfig, GuidanceConfig, UNetConfig
+from osdiff.export.models.attention import self_attention
 
 
 def find_denominator(n: int, start: int) -> int:
@@ -120,7 +121,9 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        # self-attention is N x N: in blocks (export/models/attention.py); cross-attention to
+        # the 77 context tokens is N x 77, linear in N as it is
+        out = self_attention(q, k, v) if context is x else F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from osdiff.config import VAEConfig
+from osdiff.export.models.attention import self_attention
 
 
 def _float32(v: float) -> float:
@@ -66,7 +67,7 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions, the head being all C channels; q, k, v
-    and the output projection are 1x1 convs."""
+    and the output projection are 1x1 convs. Exact, with memory linear in the positions."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -80,8 +81,9 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # B x C x H x W -> B x 1 x HW x C; float32 because the C^-0.5-scaled logits of real
         # images exceed the fp16 range. SDPA's default scale is the C^-0.5 of the reference.
-        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1).float() for conv in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        # Contiguous: PyTorch's CPU flash kernel, linear in HW, needs it (export/models/attention.py).
+        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1).float().contiguous() for conv in (self.q, self.k, self.v))
+        out = self_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(x.shape).to(x.dtype)
         return x + self.proj_out(out)
 

@@ -3,10 +3,14 @@
 CPU execution provider by default (it is what CI and the CPU machines have); the CUDA and
 TensorRT execution providers are selected with `providers=` where onnxruntime-gpu finds them.
 Sessions are created lazily, on a graph's first run, so a decoder never pays for the encoder's.
+
+Threads: the backend may be shared. InferenceSession.run is thread-safe (ONNX Runtime documents
+it); session creation takes a lock, so two threads never load the same graph twice.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +50,16 @@ class OnnxRuntimeBackend:
         if threads:
             self.options.intra_op_num_threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
 
     def session(self, graph: str) -> ort.InferenceSession:
+        session = self._sessions.get(graph)
+        if session is not None:
+            return session
+        with self._lock:
+            return self._create(graph)
+
+    def _create(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
             entry = self.manifest["graphs"].get(graph)
             if entry is None:
@@ -58,6 +70,19 @@ class OnnxRuntimeBackend:
                 raise ExportError(f"{path}: missing; re-run `osdiff export`")
             self._sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)
         return self._sessions[graph]
+
+    def unloaded_bytes(self, decode: bool) -> int:
+        """Bytes of the graph files a compress (decode=False) or decompress would still load."""
+        encode_only = ("vae_encoder", "analysis")
+        decode_only = ("synthesis", "denoiser", "vae_decoder")
+        total = 0
+        for name, entry in self.manifest["graphs"].items():
+            if name in self._sessions or name in (encode_only if decode else decode_only):
+                continue
+            path = self.directory / entry.get(self.precision, entry["fp32"])["file"]
+            for f in (path, path.with_name(path.name + ".data")):
+                total += f.stat().st_size if f.exists() else 0
+        return total
 
     def run(self, graph: str, *inputs: Tensor) -> tuple[Tensor, ...]:
         s = self.session(graph)

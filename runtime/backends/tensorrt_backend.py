@@ -8,9 +8,8 @@ and handed the same device block (set_device_memory), sized by the largest
 ICudaEngine.device_memory_size_v2: the graphs run one after another on one stream, so no two need
 their scratch at once. I/O buffers are float32 CUDA tensors, allocated once per graph and padded
 image size (GraphEngine) and bound with set_tensor_address. `run` copies its inputs into them and
-returns the output buffers themselves: they stay on the device (between entropy rounds the latent
-codec moves only uint8 indexes and integer symbols across the bus) and hold their values until
-the same graph runs again at the same size.
+returns device copies of the output buffers (see Threads): they stay on the device (between
+entropy rounds the latent codec moves only uint8 indexes and integer symbols across the bus).
 
 Contexts. One per graph and optimization profile, made on first use, because each execution
 context in concurrent use must have an optimization profile of its own; a context is switched
@@ -20,6 +19,12 @@ set_tensor_address). The profile is the first in the manifest whose range holds 
 Streams. TensorRT runs on the backend's own CUDA stream (execute_async_v3 on the default stream
 costs extra synchronization); it waits for the caller's stream before reading inputs, and the
 caller's stream waits for it before reading outputs. Nothing synchronizes the host.
+
+Threads. The backend may be shared: `run` and `decode_tail` take one lock, so contexts, bound
+buffers, the shared scratch block and the captured graphs are used by one thread at a time (the
+graphs run one after another on the backend's stream anyway), and they hand out copies of the
+output buffers, made on that stream before the lock is released, so that another thread's run
+cannot overwrite what a caller is still reading.
 
 CUDA graphs (`decode_tail`). synthesis -> denoiser -> vae_decoder is captured into one CUDA graph
 per image size with torch.cuda.graph around execute_async_v3, under the conditions TensorRT
@@ -38,6 +43,7 @@ documents for capturing enqueue:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -156,6 +162,7 @@ class TensorRTBackend:
         self.graphs = {name: GraphEngine(name, self.manifest, self.directory, partial(self._new_context, engine),
                                          self.device) for name, engine in self.engines.items()}
         self._tails: dict[ImageSize, tuple[torch.cuda.CUDAGraph, tuple[int, ...]]] = {}
+        self._lock = threading.Lock()
 
     def _deserialize(self, name: str) -> "trt.ICudaEngine":
         import tensorrt as trt
@@ -192,31 +199,40 @@ class TensorRTBackend:
         return self.graphs[name]
 
     @contextlib.contextmanager
-    def _on_stream(self) -> Iterator[None]:
-        caller = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)  # the inputs were written on the caller's stream
-        with torch.cuda.stream(self.stream):
-            yield
-        caller.wait_stream(self.stream)  # the caller reads the outputs on its stream
+    def _on_stream(self) -> Iterator[torch.cuda.Stream]:
+        """Under the backend's lock, on its stream; yields the caller's stream."""
+        with self._lock:
+            caller = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)  # the inputs were written on the caller's stream
+            with torch.cuda.stream(self.stream):
+                yield caller
+            caller.wait_stream(self.stream)  # the caller reads the outputs on its stream
+
+    @staticmethod
+    def _copies(buffers: Sequence[Tensor], caller: torch.cuda.Stream) -> tuple[Tensor, ...]:
+        out = tuple(b.clone() for b in buffers)  # on the backend's stream, ordered after the run
+        for o in out:
+            o.record_stream(caller)  # freed memory is not reused before the caller is done
+        return out
 
     def run(self, graph: str, *inputs: Tensor) -> tuple[Tensor, ...]:
         engine = self._graph(graph)
-        b = engine.binding(inputs)
-        with self._on_stream():
+        with self._on_stream() as caller:
+            b = engine.binding(inputs)
             for buf, x in zip(b.inputs, inputs):
                 buf.copy_(x)
             engine.enqueue(b, self.stream.cuda_stream)
-        return tuple(b.outputs)
+            return self._copies(b.outputs, caller)
 
     def decode_tail(self, y_hat: Tensor, x_T: Tensor) -> Tensor:
         """synthesis -> denoiser -> vae_decoder as one CUDA graph per image size (see the module
         docstring); returns the decoder's output buffer."""
         synthesis, denoiser, decoder = (self._graph(n) for n in DECODE_TAIL)
-        chain = [synthesis.binding([y_hat])]
-        chain.append(denoiser.binding([chain[0].outputs[0], x_T]))
-        chain.append(decoder.binding(chain[1].outputs))
-        size = chain[0].size
-        with self._on_stream():
+        with self._on_stream() as caller:
+            chain = [synthesis.binding([y_hat])]
+            chain.append(denoiser.binding([chain[0].outputs[0], x_T]))
+            chain.append(decoder.binding(chain[1].outputs))
+            size = chain[0].size
             chain[0].inputs[0].copy_(y_hat)
             chain[1].inputs[1].copy_(x_T)
             captured = self._tails.get(size)
@@ -228,7 +244,7 @@ class TensorRTBackend:
                 with torch.cuda.graph(graph, stream=self.stream):
                     self._enqueue_tail(chain)
                 self._tails[size] = (graph, self._rebinds())
-        return chain[2].outputs[0]
+            return self._copies(chain[2].outputs, caller)[0]
 
     def _enqueue_tail(self, chain: list[Binding]) -> None:
         stream = self.stream.cuda_stream

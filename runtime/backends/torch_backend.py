@@ -5,10 +5,15 @@ graph can be captured into a CUDA graph per input shape, which removes the launc
 its hundreds of small kernels (the entropy-parameter graphs run twenty times per image). The
 entropy-parameter graphs always stay fp32: a CDF index that differs from the encoder's loses
 the stream.
+
+Threads: the backend may be shared. Plain runs keep no state. A captured CUDA graph owns static
+input and output buffers, so capturing and replaying (copy in, replay, copy out) happen under one
+lock, on the backend's own stream, which the caller's stream then waits for.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +52,8 @@ class TorchBackend:
         self._module: dict[str, nn.Module] = {}
         self._compiled: set[str] = set()
         self._captured: dict[tuple, _Captured] = {}
+        self._graph_lock = threading.Lock()
+        self._stream = torch.cuda.Stream(self.device) if cuda_graphs else None
         for module in model.stages.values():
             module.to(self.device)
         for name, g in self.graphs.items():
@@ -66,7 +73,15 @@ class TorchBackend:
         dtype, layout = self._dtype[graph], self._layout[graph]
         xs = [x.to(self.device, dtype).contiguous(memory_format=layout) for x in inputs]
         if self.cuda_graphs and graph not in self._compiled:
-            out = self._replay(graph, xs)
+            assert self._stream is not None
+            caller = torch.cuda.current_stream(self.device)
+            with self._graph_lock:
+                self._stream.wait_stream(caller)  # the inputs were written on the caller's stream
+                with torch.cuda.stream(self._stream):
+                    out = self._replay(graph, xs)
+            caller.wait_stream(self._stream)
+            for o in out:  # made on the backend's stream, read on the caller's
+                o.record_stream(caller)
         else:
             out = self._forward(graph, xs)
         return tuple(o.float() for o in out)

@@ -1,0 +1,143 @@
+"""Bounded memory: attention in blocks (eager and exported), the memory estimate and refusal,
+and the tiled VAE mode whose grid travels in the stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from osdiff.export.models import attention
+from osdiff.runtime import memory
+from osdiff.runtime.backends.torch_backend import TorchBackend
+from osdiff.runtime.bitstream import FLAG_CRITICAL, TAG_TILES, OsdStream, StreamError, tile_grid
+from osdiff.runtime.codec import Codec
+from osdiff.runtime.tiling import TileGrid, run_tiled, starts
+
+
+def test_attention_in_blocks_is_the_same_attention(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 500, 16, generator=g) for _ in range(3))
+    whole = F.scaled_dot_product_attention(q, k, v)
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 4 * 2 * 3 * 500 * 7)  # blocks of 7 queries
+    blocked = attention.self_attention(q, k, v)
+    assert float((blocked - whole).abs().max()) <= 1e-6
+
+
+class _SelfAttention(torch.nn.Module):
+    def forward(self, x):  # B x C x H x W, one head over all positions, like the VAE's
+        t = x.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        return attention.self_attention(t, t, t).squeeze(1).transpose(1, 2).reshape(x.shape)
+
+
+def test_exported_attention_is_a_bounded_scan(tmp_path, monkeypatch):
+    """The exported graph loops over query blocks (no N x N tensor), the block size following
+    N at run time, and matches PyTorch at sizes it was not traced at."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 4 * 64 * 64)  # 64 keys -> 64-query blocks
+    program = torch.onnx.export(_SelfAttention(), (torch.randn(2, 8, 12, 10),), dynamo=True, opset_version=18,
+                                input_names=["x"], output_names=["y"],
+                                dynamic_shapes=({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},),
+                                verbose=False)
+    program.save(str(tmp_path / "a.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node]
+    assert "Scan" in ops and "MatMul" not in ops and "Softmax" not in ops  # the scores live inside the loop only
+    session = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(1, 8, 5, 7), (1, 8, 30, 41)]:  # 35 positions: one block; 1230: 20 blocks and a partial one
+        x = torch.randn(shape)
+        t = x.flatten(2).transpose(1, 2).unsqueeze(1)
+        ref = F.scaled_dot_product_attention(t, t, t).squeeze(1).transpose(1, 2).reshape(shape)
+        (y,) = session.run(None, {"x": x.numpy()})
+        assert float((torch.from_numpy(y) - ref).abs().max()) <= 1e-5
+
+
+def test_the_meter_counts_live_bytes():
+    class Two(torch.nn.Module):
+        def forward(self, x):
+            a = x * 2  # 4 MB
+            b = a + 1  # 8 MB live
+            del a
+            return b.sum()
+
+    peak = memory.activation_peak(Two(), (1024, 1024))
+    assert peak == 4 * 2**20 * 3  # input + a + b
+
+
+@pytest.mark.parametrize("n,tile,stride,expected", [(100, 40, 30, [0, 30, 60]), (40, 40, 30, [0]), (30, 40, 30, [0]),
+                                                    (71, 40, 30, [0, 30, 31])])
+def test_tile_offsets(n, tile, stride, expected):
+    assert starts(n, tile, stride) == expected
+
+
+def test_blending_reproduces_what_every_tile_agrees_on():
+    x = torch.randn(1, 3, 192, 320)
+    grid = TileGrid(128, 64)
+    assert torch.allclose(run_tiled(lambda t: t * 2, x, grid, 1, 1), x * 2, atol=1e-6)
+    up = run_tiled(lambda t: F.interpolate(t, scale_factor=8.0), x[:, :, :24, :40], grid, 8, 1)
+    assert torch.allclose(up, F.interpolate(x[:, :, :24, :40], scale_factor=8.0), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_model):
+    return Codec(TorchBackend(tiny_model))
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(tiny_model, monkeypatch):
+    backend = TorchBackend(tiny_model)
+    codec = Codec(backend, max_memory=memory.process_rss() + 2**20)
+    monkeypatch.setattr(backend, "run", lambda *a: pytest.fail("a stage ran"))
+    image = np.zeros((300, 500, 3), np.uint8)
+    with pytest.raises(memory.MemoryLimitError, match=r"compressing a 500x300 image needs about .* GB .* allowed"):
+        codec.compress(image, tile=None)
+    with pytest.raises(memory.MemoryLimitError, match="smaller image or more memory"):
+        codec.compress(image)  # not even the smallest tile fits
+
+
+def test_tiles_are_chosen_when_the_whole_image_does_not_fit_and_travel_in_the_stream(tiny_model, codec, tiny_image,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(memory, "process_rss", lambda: 2**30)  # a process that does not grow meanwhile
+    m = tiny_model.config.pad_multiple
+    image = np.tile(tiny_image, (2, 2, 1))[: 3 * m, : 4 * m]
+    whole = max(codec.estimate(*image.shape[:2], d, None).total for d in (False, True))
+    grid = TileGrid.default(2 * m, m)
+    tiled = max(codec.estimate(*image.shape[:2], d, grid).total for d in (False, True))
+    assert tiled < whole
+    limited = Codec(codec.backend, max_memory=(whole + tiled) // 2)
+    # the largest candidate that fits: the image's own sides bound the candidates
+    data = limited.compress(image, tile="auto")
+    stream = OsdStream.from_bytes(data)
+    assert tile_grid(stream) is not None and data[2] & FLAG_CRITICAL
+    forced = codec.compress(image, tile=2 * m)
+    assert tile_grid(OsdStream.from_bytes(forced)) == (grid.tile, grid.overlap)
+    out = codec.decompress(forced)
+    assert out.shape == image.shape and np.array_equal(out, codec.decompress(forced))  # deterministic
+    untiled = codec.compress(image, tile=None)
+    assert TAG_TILES not in OsdStream.from_bytes(untiled).extensions
+    assert not np.array_equal(out, codec.decompress(untiled))  # the grid really changes the decode
+
+
+def test_a_decoder_that_does_not_know_a_critical_extension_refuses(codec, tiny_image):
+    stream = OsdStream.from_bytes(codec.compress(tiny_image))
+    stream.extensions[TAG_TILES] = b"\x80\x01\x40"
+    data = bytearray(stream.to_bytes())
+    assert OsdStream.from_bytes(bytes(data)).extensions[TAG_TILES]
+    stream.extensions = {7: b"x", TAG_TILES: b"\x80\x01\x40"}
+    data = stream.to_bytes()
+    with pytest.raises(StreamError, match=r"needs extension\(s\) \[7\]"):
+        OsdStream.from_bytes(data)
+
+
+def test_a_stream_with_a_bad_tile_grid_is_a_stream_error(codec, tiny_image):
+    stream = OsdStream.from_bytes(codec.compress(tiny_image))
+    stream.extensions[TAG_TILES] = b"\x05\x01"  # tile 5, overlap 1: not multiples of 64
+    with pytest.raises(StreamError, match="tile grid"):
+        codec.decompress(stream.to_bytes())
+
+
+def test_estimates_grow_linearly_with_pixels(tiny_config):
+    a = memory.graph_peak(tiny_config, "vae_decoder", 512, 512)
+    b = memory.graph_peak(tiny_config, "vae_decoder", 1024, 1024)
+    assert 3.5 < b / a < 4.5
