@@ -113,13 +113,14 @@ def test_images(size: tuple[int, int], count: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(picture[i * step_y : i * step_y + h, i * step_x : i * step_x + w]) for i in range(count)]
 
 
-def other_model_stream(codec: Codec, image: np.ndarray) -> bytes:
-    """A genuine stream of another model: the same architecture with other random weights."""
+def other_model_stream(image: np.ndarray) -> bytes:
+    """A genuine stream of another model: the small demo configuration with other random weights
+    (cheap to build, whatever model the server runs)."""
+    from osdiff.config import ModelConfig
     from osdiff.export.model import OSDiffModel
     from osdiff.runtime.backends.torch_backend import TorchBackend
 
-    other = OSDiffModel.random(codec.cfg, seed=12345)
-    return Codec(TorchBackend(other)).compress(image)
+    return Codec(TorchBackend(OSDiffModel.random(ModelConfig.demo(), seed=12345))).compress(image)
 
 
 def bad_requests(stream: bytes, other: bytes, image: np.ndarray) -> list[tuple[str, str, dict[str, np.ndarray], str]]:
@@ -202,7 +203,7 @@ def main(engines: str, start: bool, max_batch: int, queue_delay_us: int, instanc
     seeds = list(range(count))
     streams = [codec.compress(im, s) for im, s in zip(images, seeds)]
     decoded = [codec.decompress(s) for s in streams]
-    bad = bad_requests(streams[0], other_model_stream(codec, images[0]), images[0])
+    bad = bad_requests(streams[0], other_model_stream(images[0]), images[0])
 
     process = None
     if start:

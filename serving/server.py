@@ -12,6 +12,7 @@ this Python (see `prepare_environment`) and numpy < 2 (the `serve` extra pins it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -44,10 +45,12 @@ class ServeOptions:
 
 
 def prepare_environment() -> None:
-    """Put this interpreter's own lib directory first on LD_LIBRARY_PATH, for the tritonserver
-    child and its Python-backend stub. The stub links `libpython3.X.so`; without this it may
-    load the system's libpython of the same minor version (e.g. Debian's 3.11.2 under a pyenv
-    3.11.7 venv) and fail in the first import of a compiled module.
+    """Set the environment that the tritonserver child and its Python-backend stubs inherit.
+
+    This interpreter's own lib directory goes first on LD_LIBRARY_PATH: the stub links
+    `libpython3.X.so`, and without this it may load the system's libpython of the same minor
+    version (e.g. Debian's 3.11.2 under a pyenv 3.11.7 venv) and fail in the first import of a
+    compiled module.
 
     Raises ServeError where this Python has no shared libpython."""
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
@@ -59,6 +62,12 @@ def prepare_environment() -> None:
     libdir = str(sysconfig.get_config_var("LIBDIR"))
     paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p and p != libdir]
     os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
+    # Tensors between Triton's stubs and this process as base64 over PyTriton's sockets instead
+    # of its shared-memory tensor store: the store starts a manager process in the first
+    # instance's stub, which on a loaded machine outlasts the 1 s that the other instances wait
+    # for it (the model then fails to load), and it needs a /dev/shm larger than a container's
+    # default 64 MB. The codec's tensors (an image, a stream) are small enough for base64.
+    os.environ["PYTRITON_NO_TENSORSTORE"] = "1"
 
 
 def _pytriton() -> Any:
@@ -103,9 +112,10 @@ def start(codecs: list[Codec], options: ServeOptions, workspace: str | Path | No
             triton.bind(model_name=name, infer_func=[infer_fn(getattr(m, name.split("_")[1])) for m in models],
                         inputs=tensors(INPUTS[name]), outputs=tensors(OUTPUTS[name]), config=model_config, strict=True)
         triton.run()
-    except BaseException:
-        triton.stop()
-        raise
+    except Exception as e:
+        with contextlib.suppress(Exception):
+            triton.stop()
+        raise ServeError(f"Triton did not start the models: {type(e).__name__}: {e}") from e
     return triton
 
 
