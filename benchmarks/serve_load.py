@@ -25,6 +25,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -212,7 +213,8 @@ def main(engines: str, start: bool, max_batch: int, queue_delay_us: int, instanc
         command = [sys.executable, "-m", "osdiff.cli", "serve", "--engines", engines, "--http-port", str(ports[0]),
                    "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--max-batch", str(max_batch),
                    "--queue-delay-us", str(queue_delay_us), "--instances", str(instances)]
-        log = open(Path(json_path).with_suffix(".server.log"), "wb")
+        log = tempfile.NamedTemporaryFile(prefix="serve_load_", suffix=".log", delete=False)
+        click.echo(f"starting the server (log: {log.name}) ...", err=True)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         server_pid = process.pid
     urls = {"http": http_url, "grpc": grpc_url}
