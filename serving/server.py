@@ -19,7 +19,6 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -70,20 +69,15 @@ def prepare_environment() -> None:
     os.environ["PYTRITON_NO_TENSORSTORE"] = "1"
 
 
-def _pytriton() -> Any:
+def start(codecs: list[Codec], options: ServeOptions) -> Any:
+    """Start Triton with `osdiff_compress` and `osdiff_decompress`, one instance of each per
+    codec; returns the running `pytriton.triton.Triton` (its `serve()` blocks, `stop()` stops).
+    Raises ServeError when the serve extra is missing or Triton does not load the models."""
     try:
-        import pytriton.triton
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
     except ImportError as e:
         raise ServeError(f"serving needs the serve extra: pip install 'osdiff-engine[serve]' ({e})") from e
-    return pytriton
-
-
-def start(codecs: list[Codec], options: ServeOptions, workspace: str | Path | None = None) -> Any:
-    """Start Triton with `osdiff_compress` and `osdiff_decompress`, one instance of each per
-    codec; returns the running `pytriton.triton.Triton` (its `serve()` blocks, `stop()` stops)."""
-    _pytriton()
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
 
     prepare_environment()
     config = TritonConfig(http_address=options.address, http_port=options.http_port,
@@ -106,10 +100,11 @@ def start(codecs: list[Codec], options: ServeOptions, workspace: str | Path | No
 
         return infer
 
-    triton = Triton(config=config, workspace=workspace)
+    triton = Triton(config=config)
     try:
         for name in (COMPRESS, DECOMPRESS):
-            triton.bind(model_name=name, infer_func=[infer_fn(getattr(m, name.split("_")[1])) for m in models],
+            methods = [m.compress if name == COMPRESS else m.decompress for m in models]
+            triton.bind(model_name=name, infer_func=[infer_fn(f) for f in methods],
                         inputs=tensors(INPUTS[name]), outputs=tensors(OUTPUTS[name]), config=model_config, strict=True)
         triton.run()
     except Exception as e:

@@ -361,3 +361,19 @@ def test_python_only_repository_in_pytritons_tritonserver(tiny_export, codec, im
     finally:
         triton.stop()
 
+
+
+def test_cli_triton_repo_and_serve_usage(tiny_export, tmp_path):
+    from click.testing import CliRunner
+
+    from osdiff.cli import main
+
+    result = CliRunner().invoke(main, ["triton-repo", str(tiny_export), "-o", str(tmp_path / "repo"), "--python-only",
+                                       "--cpu", "--max-batch", "0"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 7 models" in result.output and (tmp_path / "repo/osdiff_vae_decoder/1/model.py").exists()
+    assert "max_batch_size" not in (tmp_path / "repo/osdiff_vae_decoder/config.pbtxt").read_text()
+    result = CliRunner().invoke(main, ["triton-repo", str(tiny_export), "-o", str(tmp_path / "repo")])
+    assert result.exit_code == 1 and "not empty" in result.output
+    result = CliRunner().invoke(main, ["serve", "--engines", str(tiny_export), "--device", "cpu,cpu"])
+    assert result.exit_code == 2 and "several --device values need --backend torch" in result.output
