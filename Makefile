@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c ci/constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c ci/constraints.txt -e ".[test,eval]"
 	# Type stubs of the TensorRT 10.13 Python API; --no-deps because its metadata asks for
 	# the real tensorrt, which PyPI only has as a stub that downloads from NVIDIA.
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
