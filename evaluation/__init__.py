@@ -10,3 +10,14 @@
 `osdiff eval` (osdiff/cli.py) calls run.py, and compare.py with --compare. Needs the `eval`
 extra: pip install "osdiff-engine[eval]".
 """
+
+import importlib.util
+
+# The modules of the `eval` extra (pyproject.toml), by import name.
+EXTRA_MODULES = ("torchmetrics", "torch_fidelity", "pytorch_msssim", "bjontegaard", "matplotlib", "tqdm")
+
+
+def missing_modules() -> list[str]:
+    """The eval extra's modules that are not installed (looked up, not imported: torchmetrics
+    must not be imported before weights.import_torchvision)."""
+    return [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]

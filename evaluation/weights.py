@@ -117,8 +117,8 @@ def import_torchvision() -> None:
 
     PyPI's torchvision wheels for Linux are built against the CUDA build of torch; beside the CPU
     build (pinned on the CI machines) their C++ extension fails to load. torchvision copes with
-    that (its operators then raise when called), except that its `_meta_registrations` (0.17 to
-    at least 0.29) registers a fake kernel for `torchvision::nms` unconditionally and so fails the
+    that (its operators then raise when called), except that its `_meta_registrations` (0.28 and
+    0.29 at least) registers a fake kernel for `torchvision::nms` unconditionally and so fails the
     whole import with "operator torchvision::nms does not exist". torchmetrics, torch-fidelity and
     lpips import torchvision at import time, so none of them would import. Here the two schemas
     that registration expects (`nms`, `qnms`, as torchvision declares them) are declared without

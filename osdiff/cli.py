@@ -357,11 +357,15 @@ def eval_(inputs: tuple[str, ...], output: str, codec: str, qualities: str | Non
 
     from osdiff.runtime.codec import Codec
 
-    try:
-        from osdiff.evaluation import codecs, compare, metrics, run
-    except ImportError as e:
-        raise click.ClickException(f"osdiff eval needs the eval extra ({e}): pip install 'osdiff-engine[eval]'") from e
+    from osdiff.evaluation import missing_modules
 
+    if missing_modules():
+        raise click.ClickException(f"osdiff eval needs the eval extra (missing: {', '.join(missing_modules())}): "
+                                   "pip install 'osdiff-engine[eval]'")
+    from osdiff.evaluation import codecs, compare, metrics, run
+
+    if name is not None and (Path(name).name != name or name in (".", "..")):
+        raise click.UsageError(f"--name must be a plain file name, got {name!r}")
     out = Path(output)
     if compare_mode:
         curves = [compare.read_curve(p) for p in inputs] + [compare.read_curve(p, published=True) for p in published]
@@ -379,6 +383,8 @@ def eval_(inputs: tuple[str, ...], output: str, codec: str, qualities: str | Non
         points: list[Any] = [codecs.OSDiffCodec(Codec(backend), label, seed)]
         description = f"OSDiff, {_model_description(options)}, {backend.name} backend"
     else:
+        if any(options[k] for k in ("engines", "sd", "osdiff_ckpt", "random_weights")):
+            raise click.UsageError(f"--codec {codec} takes no model (--engines, --sd, --osdiff, --random-weights)")
         try:
             qs = [int(q) for q in qualities.split(",")] if qualities else list(codecs.DEFAULT_QUALITIES[codec])
         except ValueError:

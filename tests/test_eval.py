@@ -442,3 +442,28 @@ def test_results_json_is_in_compressais_layout(sweeps):
     assert all(isinstance(v, list) and len(v) == n for v in doc["results"].values())
     assert {"bpp", "psnr-rgb", "ms-ssim-rgb", "ms-ssim-rgb-db", "encoding_time", "decoding_time"} <= set(doc["results"])
     assert "Pillow" in doc["description"] and doc["versions"]["libwebp"] not in ("None", "")
+
+
+@pytest.mark.slow
+def test_eval_reports_every_metric_when_every_backbone_is_there(photos, backbones, tmp_path):
+    Image.fromarray(photos["rocket"][:256, :512]).save(tmp_path / "rocket.png")  # two FID patches
+    cli("eval", tmp_path / "rocket.png", "--codec", "webp", "--quality", "10", "--metric-weights", backbones / "checkpoints",
+        "--fid-min-patches", "2", "-o", tmp_path / "out", "--no-progress")
+    doc = json.loads((tmp_path / "out" / "webp.json").read_text())
+    assert doc["skipped"] == {} and doc["dataset"]["fid_patches"] == 2
+    for key in (*metrics.PER_IMAGE, *metrics.PER_SET):
+        assert len(doc["results"][key]) == 1 and math.isfinite(doc["results"][key][0]), key
+    for row in _rows(tmp_path / "out" / "webp.csv"):
+        assert all(float(row[k]) > 0 for k in ("lpips-alex", "lpips-vgg", "dists"))
+
+
+def test_eval_says_what_to_install_and_refuses_odd_arguments(photo_files, tmp_path, monkeypatch):
+    import osdiff.evaluation
+
+    monkeypatch.setattr(osdiff.evaluation, "EXTRA_MODULES", (*osdiff.evaluation.EXTRA_MODULES, "no_such_module_x"))
+    result = cli("eval", photo_files[0], "--codec", "jpeg", "-o", tmp_path, ok=False)
+    assert "needs the eval extra (missing: no_such_module_x)" in result.output
+    monkeypatch.undo()
+    assert "plain file name" in cli("eval", photo_files[0], "--codec", "jpeg", "--name", "../x", "-o", tmp_path, ok=False).output
+    assert "takes no model" in cli("eval", photo_files[0], "--codec", "webp", "--random-weights", "-o", tmp_path, ok=False).output
+    assert not any(tmp_path.iterdir())
