@@ -41,6 +41,10 @@ MS_SSIM_MIN_SIDE = (11 - 1) * 2**4 + 1
 
 PATCH = 256
 
+# LPIPS-VGG keeps five VGG16 feature maps of both images: about 2.5 GB per megapixel measured on
+# the CPU. Larger images are refused up front with a clear error rather than run out of memory.
+MAX_NETWORK_PIXELS = 2048 * 2048
+
 
 def ms_ssim_db(value: float) -> float:
     return math.inf if value >= 1 else -10 * math.log10(1 - value)
@@ -89,11 +93,19 @@ class ImageMetrics:
             except (MissingWeights, WeightsError, ModuleNotFoundError) as e:
                 self.skipped[key] = str(e)
 
+    def check_sizes(self, sizes: list[tuple[int, int]], names: list[str]) -> None:
+        """ValueError naming the first image too large for the networks (when any runs)."""
+        for (h, w), name in zip(sizes, names):
+            if self._nets and h * w > MAX_NETWORK_PIXELS:
+                raise ValueError(f"{name}: {w}x{h} is over the {MAX_NETWORK_PIXELS / 1e6:.1f} megapixels LPIPS and "
+                                 f"DISTS are run on (about 2.5 GB per megapixel); use --protocol clic768 or smaller images")
+
     def __call__(self, original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
         """Metric key -> value for this pair; a key is absent when the metric cannot run (its
         reason is then in `skipped`)."""
         if original.shape != decoded.shape:
             raise ValueError(f"decoded image is {decoded.shape[:2]}, the original {original.shape[:2]}")
+        self.check_sizes([original.shape[:2]], ["image"])
         out = {"psnr-rgb": psnr(original, decoded)}
         if min(original.shape[:2]) >= MS_SSIM_MIN_SIDE:
             a, b = (torch.tensor(im).permute(2, 0, 1)[None].float() for im in (original, decoded))  # 0..255
@@ -144,7 +156,7 @@ class PatchFID:
         self._fid: Any = None
         self._kid: Any = None
         self._real_done = False
-        if n_patches < min_patches:
+        if n_patches < max(min_patches, 2):
             reason = (f"needs at least {min_patches} patches of {PATCH}x{PATCH} "
                       f"(this set gives {n_patches}; change with --fid-min-patches)")
             self.skipped = dict.fromkeys(PER_SET, reason)

@@ -394,6 +394,7 @@ def eval_(inputs: tuple[str, ...], output: str, codec: str, qualities: str | Non
         description = codecs.pillow_description(codec)
     click.echo(f"{len(images)} image(s), protocol {protocol}; building the metric networks ...", err=True)
     scores = metrics.ImageMetrics(metric_weights, options["device"])
+    scores.check_sizes(images.sizes, images.names)
     fid = metrics.PatchFID(images.patch_count(), fid_min_patches, metric_weights, options["device"])
     for key, reason in {**scores.skipped, **fid.skipped}.items():
         click.echo(f"skipping {key}: {reason}", err=True)

@@ -467,3 +467,14 @@ def test_eval_says_what_to_install_and_refuses_odd_arguments(photo_files, tmp_pa
     assert "plain file name" in cli("eval", photo_files[0], "--codec", "jpeg", "--name", "../x", "-o", tmp_path, ok=False).output
     assert "takes no model" in cli("eval", photo_files[0], "--codec", "webp", "--random-weights", "-o", tmp_path, ok=False).output
     assert not any(tmp_path.iterdir())
+
+
+def test_images_too_large_for_the_perceptual_networks_are_refused_before_they_run():
+    scores = metrics.ImageMetrics()
+    big = np.zeros((2049, 2048, 3), np.uint8)
+    scores.check_sizes([(2049, 2048)], ["big"])  # no network to run: PSNR and MS-SSIM have no such limit
+    scores._nets = {"dists": None}  # as if DISTS were there; it must not be called
+    with pytest.raises(ValueError, match=r"big: 2048x2049 is over the 4.2 megapixels"):
+        scores.check_sizes([(512, 768), (2049, 2048)], ["kodim01", "big"])
+    with pytest.raises(ValueError, match="megapixels"):
+        scores(big, big)
