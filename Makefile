@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	$(PYTHON) -m venv $(VENV)
-	# serve: PyTriton (its tritonserver) and tritonclient, for `osdiff serve`/`triton-repo` and their tests
-	$(BIN)/pip install -q -c ci/constraints.txt -e ".[test,serve]"
+	# serve: PyTriton (its tritonserver) and tritonclient, for `osdiff serve`/`triton-repo` and their tests;
+	# eval: the metric libraries of `osdiff eval`
+	$(BIN)/pip install -q -c ci/constraints.txt -e ".[test,serve,eval]"
 	# Type stubs of the TensorRT 10.13 Python API; --no-deps because its metadata asks for
 	# the real tensorrt, which PyPI only has as a stub that downloads from NVIDIA.
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1

@@ -12,7 +12,8 @@ from conftest import REPO
 
 MODULES = ["osdiff.cli", "osdiff.export.model", "osdiff.export.models.unet", "osdiff.runtime.codec",
            "osdiff.runtime.backends.onnxruntime_backend", "osdiff.engine.profiles", "osdiff.calibration.precision",
-           "osdiff.serving.models"]
+           "osdiff.serving.models",
+           "osdiff.evaluation.run", "osdiff.evaluation.compare"]
 CHECK = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]; import osdiff.export; print(osdiff.export.__file__)"
 
 
@@ -27,7 +28,7 @@ def test_built_wheel_installs_and_imports(tmp_path):
     (wheel,) = tmp_path.glob("osdiff_engine-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "osdiff/assets/demo.png" in names
-    assert not any(n.startswith(("export/", "runtime/", "engine/", "calibration/", "serving/", "tests/")) for n in names)
+    assert not any(n.startswith(("export/", "runtime/", "engine/", "calibration/", "serving/", "evaluation/", "tests/")) for n in names)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
