@@ -152,7 +152,8 @@ class ModelConfig:
             lfgcm=LFGCMConfig(enc_mid=(32, 32, 32, 32), N=32, M=64, prior_nc=16, slice_ch=(16, 48)),
             guidance=GuidanceConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                     attention_resolutions=(2,), num_head_channels=16, context_dim=8,
-                                    dmlp_channels=64),
+                                    # 8 channels per group: the MLP's last GroupNorm(32, .) sees one position
+                                    dmlp_channels=256),
             name="demo",
         )
 

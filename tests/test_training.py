@@ -266,7 +266,7 @@ def test_train_command_trains_resumes_and_exports(tiny_dir, tmp_path):
         pixels = (batch(seed=i, n=1, size=192)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         Image.fromarray(pixels).save(images / f"{i}.png")
     ckpt = tmp_path / "osdiff.ckpt"
-    common = ["--images", str(images), "--config", str(tiny_dir / "config.json"), "--crop", "128", "--batch", "1",
+    common = ["--images", str(images), "--config", str(tiny_dir / "config.json"), "--crop", "128", "--batch", "2",
               "-o", str(ckpt)]
     run = lambda *a: CliRunner().invoke(main, ["train", *a], catch_exceptions=False)  # noqa: E731
     result = run("--sd", str(tiny_dir / "sd21_tiny.ckpt"), "--steps", "1", *common)
