@@ -15,7 +15,6 @@ history). It holds tensors and plain data only, as the loader requires.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -39,8 +38,9 @@ class TrainSettings:
     lr: float = 1e-4
     aux_lr: float = 1e-3
     d_lr: float = 1e-4
-    warmup: int = 0  # steps of linear warm-up, then cosine decay to lr * final_lr_ratio
-    final_lr_ratio: float = 1.0  # 1.0: constant learning rate (the paper's)
+    warmup: int = 0  # steps of linear warm-up
+    decay_at: int = 0  # from this step on (if > 0) the learning rates are multiplied by `decay`
+    decay: float = 0.1
     clip: float = 1.0
     seed: int = 0
 
@@ -72,13 +72,13 @@ class Trainer:
         self.history: list[dict[str, float]] = []
 
     def lr_factor(self) -> float:
+        """Linear warm-up, then constant (the paper's), then one step down at decay_at. The
+        factor of a step never depends on the total number of steps, so a run stopped at step
+        n is exactly a run of n steps."""
         s, i = self.settings, self.global_step
         if i < s.warmup:
             return (i + 1) / s.warmup
-        if s.final_lr_ratio == 1.0:
-            return 1.0
-        progress = min(1.0, (i - s.warmup) / max(1, s.steps - s.warmup))
-        return s.final_lr_ratio + (1 - s.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return s.decay if 0 < s.decay_at <= i else 1.0
 
     def step(self, x: Tensor) -> dict[str, float]:
         m, s = self.model, self.settings
