@@ -61,7 +61,8 @@ def checkpoint_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--sd", type=_file, help="SD 2.1 checkpoint (v2-1_512-ema-pruned.ckpt or .safetensors)."),
         click.option("--osdiff", "osdiff_ckpt", type=_file, help="OSDiff checkpoint (lambda_*.ckpt), or a combined file."),
-        click.option("--config", default=None, help='Model config: "full" (default), "demo", or a JSON file.'),
+        click.option("--config", default=None, help='Model config: "full" (default), "demo" (without checkpoints: the '
+                                                    'built-in trained weights), or a JSON file.'),
         click.option("--random-weights", is_flag=True, help="Seeded random weights instead of checkpoints."),
         click.option("--weights-seed", default=0, show_default=True, help="Seed of --random-weights."),
     ]):
@@ -99,7 +100,12 @@ def load_model(sd: str | None, osdiff_ckpt: str | None, config: str | None, rand
         click.echo(f"building the '{cfg.name}' model with random weights (seed {weights_seed}) ...", err=True)
         return OSDiffModel.random(cfg, weights_seed)
     if not (sd or osdiff_ckpt):
-        raise click.UsageError("give --sd and --osdiff checkpoints (or --random-weights)")
+        if config == "demo":
+            from osdiff.builtin import load_builtin
+
+            click.echo("loading the built-in demo model ...", err=True)
+            return load_builtin()
+        raise click.UsageError("give --sd and --osdiff checkpoints (or --config demo, or --random-weights)")
     click.echo("loading checkpoints ...", err=True)
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", CheckpointWarning)
@@ -254,23 +260,31 @@ def decompress(streams: tuple[str, ...], output: str, fmt: str, size: str | None
 @main.command()
 @click.option("-o", "--output", default="osdiff-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the ONNX export, the stream and the decoded image.")
-@click.option("--image", type=_file, default=None, help="Compress this image instead of the bundled one.")
+@click.option("--image", type=_file, default=None, help="Compress this image instead of the bundled photo.")
+@click.option("--random-weights", is_flag=True, help="Seeded random weights instead of the built-in trained ones.")
 @user_errors
-def demo(output: str, image: str | None) -> None:
-    """Build a small model with random weights, export it, and run the codec on an image
-    through ONNX Runtime. Needs no checkpoint and no network."""
+def demo(output: str, image: str | None, random_weights: bool) -> None:
+    """Run the codec through ONNX Runtime with the built-in demo model (small, trained by
+    `osdiff train --builtin`): export it, compress a photo, decompress it, and write the input
+    and the reconstruction side by side. Needs no checkpoint and no network."""
     from osdiff.export.model import OSDiffModel
     from osdiff.export.onnx_export import export_onnx
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from osdiff.runtime.codec import Codec
     from osdiff.runtime.profiling import Trace, per_stage
 
-    click.echo("osdiff demo: the weights are RANDOM (seeded), in a small configuration of the real\n"
-               "architecture, so the decoded picture is not a real reconstruction: it shows the\n"
-               "pipeline running end to end, not OSDiff's quality.\n")
+    if random_weights:
+        click.echo("osdiff demo --random-weights: the weights are RANDOM (seeded), so the decoded picture\n"
+                   "is not a real reconstruction: it shows the pipeline running end to end.\n")
+        model = OSDiffModel.random(ModelConfig.demo(), seed=0)
+    else:
+        from osdiff.builtin import load_builtin
+
+        click.echo("osdiff demo: the built-in model, a small configuration of the OSDiff architecture\n"
+                   "trained on a CPU with the paper's objective (far from the published model's quality).\n")
+        model = load_builtin()
     t_start = time.perf_counter()
     out = Path(output)
-    model = OSDiffModel.random(ModelConfig.demo(), seed=0)
     click.echo(f"exporting the model to {out / 'onnx'} ...")
     export_onnx(model, out / "onnx", fp16=False, progress=lambda s: click.echo("  " + s))
     codec = Codec(OnnxRuntimeBackend(out / "onnx"))
@@ -286,17 +300,88 @@ def demo(output: str, image: str | None) -> None:
     write_atomic(out / "demo.osd", data)
     write_atomic(out / "input.png", png_bytes(pixels))
     write_atomic(out / "decoded.png", png_bytes(decoded))
+    write_atomic(out / "side_by_side.png", png_bytes(np.concatenate([pixels, decoded], axis=1)))
 
     h, w = pixels.shape[:2]
+    note = " (random weights)" if random_weights else ""
     click.echo(f"\nimage {w}x{h}: {len(data)} bytes, {len(data) * 8 / (h * w):.4f} bpp, "
-               f"PSNR {psnr(pixels, decoded):.2f} dB against the input (random weights)")
+               f"PSNR {psnr(pixels, decoded):.2f} dB against the input{note}")
     for title, trace in (("encode", enc), ("decode", dec)):
         stages = per_stage(trace.spans())
         click.echo(f"{title} ({sum(stages.values()):.0f} ms, onnxruntime CPU):")
         for name, ms in stages.items():
             click.echo(f"  {name:<28}{ms:9.1f} ms")
-    click.echo(f"\nwrote {out / 'demo.osd'}, {out / 'input.png'}, {out / 'decoded.png'} and the ONNX export "
-               f"in {out / 'onnx'} ({time.perf_counter() - t_start:.0f} s in all)")
+    click.echo(f"\nwrote {out / 'side_by_side.png'} (input | reconstruction), {out / 'demo.osd'}, "
+               f"{out / 'input.png'}, {out / 'decoded.png'} and the ONNX export in {out / 'onnx'} "
+               f"({time.perf_counter() - t_start:.0f} s in all)")
+
+
+@main.command()
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="The training checkpoint to write (with --builtin: a folder for every stage's output).")
+@click.option("--builtin", is_flag=True, help="Reproduce the built-in demo model from its fixed recipe and seed "
+                                              "(training/builtin.py; scikit-image's photographs).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Folder of training images.")
+@click.option("--resume", type=_file, help="Continue from a checkpoint that `osdiff train` wrote.")
+@click.option("--sd", type=_file, help="SD 2.1 checkpoint to start from (the OSDiff parts start untrained).")
+@click.option("--osdiff", "osdiff_ckpt", type=_file, help="OSDiff checkpoint to start from (with --sd, or combined).")
+@click.option("--config", default=None, help='Model config: "full" (default), "demo", or a JSON file.')
+@click.option("--steps", default=100_000, show_default=True, help="Train until this global step.")
+@click.option("--batch", default=4, show_default=True)
+@click.option("--crop", default=512, show_default=True, help="Side of the random training crops, pixels.")
+@click.option("--lambda", "rate_weight", default=1.0, show_default=True, help="Weight of the rate (the paper: 1 or 2).")
+@click.option("--lr", default=1e-4, show_default=True, help="AdamW learning rate (generator and discriminator).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, ...).")
+@click.option("--checkpoint-every", default=1000, show_default=True, help="Steps between checkpoints.")
+@click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--results", default=None, type=click.Path(file_okay=False),
+              help="With --builtin: also copy the evaluation and loss curves here (e.g. benchmarks/results).")
+@user_errors
+def train(output: str, builtin: bool, images: str | None, resume: str | None, sd: str | None, osdiff_ckpt: str | None,
+          config: str | None, steps: int, batch: int, crop: int, rate_weight: float, lr: float, seed: int, device: str,
+          checkpoint_every: int, threads: int | None, results: str | None) -> None:
+    """Train with the OSDiff objective (paper eqs. 9-14): the LFGCM, the control module and the
+    latent discriminator, the SD VAE and UNet frozen. Writes checkpoints that `osdiff export
+    --osdiff` reads unchanged, and resumes from them."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if builtin:
+        from osdiff.training.builtin import report_builtin, train_builtin
+
+        train_builtin(output, log=click.echo)
+        report_builtin(output, results, log=click.echo)
+        return
+
+    from osdiff.export.checkpoint import read_checkpoints, read_state_dict
+    from osdiff.training.data import RandomCrops, folder_images
+    from osdiff.training.loop import Trainer, TrainSettings
+    from osdiff.training.objective import OSDiffTraining
+
+    if images is None:
+        raise click.UsageError("give --images FOLDER (or --builtin)")
+    settings = TrainSettings(steps=steps, rate_weight=rate_weight, lr=lr, d_lr=lr, seed=seed)
+    if resume:
+        if sd or osdiff_ckpt:
+            raise click.UsageError("--resume takes no other checkpoint")
+        trainer = Trainer.resume(resume, device, settings)
+        click.echo(f"resuming at step {trainer.global_step}")
+    else:
+        model = OSDiffTraining(ModelConfig.named(config))
+        if osdiff_ckpt:
+            model.load_checkpoint_state_dict(read_checkpoints(sd, osdiff_ckpt))
+        elif sd:
+            model.load_sd(read_state_dict(sd))
+        else:
+            raise click.UsageError("give --sd (and --osdiff), or --resume")
+        trainer = Trainer(model, settings, device)
+    batches = RandomCrops(folder_images(images), crop, batch, seed)
+    for _ in range(trainer.global_step):  # the batches an uninterrupted run would see next
+        next(batches)
+    trainer.train(batches, steps, log=click.echo, checkpoint=Path(output), checkpoint_every=checkpoint_every)
+    click.echo(f"wrote {output} at step {trainer.global_step}")
 
 
 @main.command()

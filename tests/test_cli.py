@@ -93,8 +93,12 @@ def test_export_command_writes_the_graphs_it_is_asked_for(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     result = run("demo", "-o", tmp_path)
-    assert "weights are RANDOM" in result.output
+    assert "the built-in model" in result.output
     for line in ("bpp", "PSNR", "vae_decoder", "entropy coder"):
         assert line in result.output
-    for name in ("demo.osd", "input.png", "decoded.png", "onnx/manifest.json"):
+    for name in ("demo.osd", "input.png", "decoded.png", "side_by_side.png", "onnx/manifest.json"):
         assert (tmp_path / name).exists()
+    side = read_image(tmp_path / "side_by_side.png")
+    image = read_image(tmp_path / "input.png")
+    assert side.shape == (image.shape[0], 2 * image.shape[1], 3)
+    assert np.array_equal(side[:, : image.shape[1]], image)

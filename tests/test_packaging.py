@@ -27,7 +27,7 @@ def test_built_wheel_installs_and_imports(tmp_path):
                    check=True, capture_output=True)
     (wheel,) = tmp_path.glob("osdiff_engine-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "osdiff/assets/demo.png" in names
+    assert "osdiff/assets/demo.png" in names and "osdiff/assets/demo_model.safetensors" in names
     assert not any(n.startswith(("export/", "runtime/", "engine/", "calibration/", "serving/", "evaluation/", "tests/")) for n in names)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],

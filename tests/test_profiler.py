@@ -37,7 +37,7 @@ def test_profile_command_writes_json_and_a_chrome_trace(tmp_path):
                                        "--warmup", "1", "--runs", "2", "--json", str(tmp_path / "p.json"),
                                        "--trace", str(tmp_path / "t.json")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "encode (bytes/pixels, synchronized)" in result.output and "slice2.nonanchor.coder" in result.output
+    assert "encode (bytes/pixels, synchronized)" in result.output and "slice1.nonanchor.coder" in result.output
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["backend"] == "torch" and data["runs"] == 2 and data["height"] == 128
     assert data["decode"]["median_ms"] > 0 and "denoiser" in data["decode_stages"]
