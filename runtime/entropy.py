@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from osdiff.config import EntropyConfig
-from osdiff.runtime.coder import CdfTables, Decoder, Encoder, quantized_cdf
+from osdiff.runtime.coder import CdfTables, Decoder, Encoder, native, quantized_cdf
 
 
 def scale_table(cfg: EntropyConfig) -> torch.Tensor:
@@ -30,29 +30,24 @@ def scale_table(cfg: EntropyConfig) -> torch.Tensor:
     return torch.exp(torch.linspace(math.log(cfg.scale_min), math.log(cfg.scale_max), cfg.scale_levels))
 
 
-def scale_indexes(scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index of the Gaussian CDF for each scale: the smallest k with scale <= table[k], capped.
-    `table` lives on the scales' device.
-
-    The same index for every input as compressai's build_indexes (lower-bound the scale to
-    table[0], then subtract one per table entry >= the scale), in one bucketize instead of 63
-    passes. NaN maps to the last table, as it does there.
-    """
-    scales = torch.nan_to_num(scales.float(), nan=math.inf).clamp_min(table[0])
-    return torch.bucketize(scales, table[:-1], right=False).to(torch.int32)
-
-
 class GaussianConditional:
     def __init__(self, cfg: EntropyConfig = EntropyConfig()) -> None:
         self.cfg = cfg
         self.scale_table = scale_table(cfg)
         self.tables = gaussian_tables(self.scale_table, cfg.tail_mass, cfg.precision)
-        self._table_on: dict[torch.device, torch.Tensor] = {}  # the scale table per device, copied once
+        self._scale_index = native().ScaleIndex(self.scale_table.numpy())
 
     def build_indexes(self, scales: torch.Tensor) -> torch.Tensor:
-        if scales.device not in self._table_on:
-            self._table_on[scales.device] = self.scale_table.to(scales.device)
-        return scale_indexes(scales, self._table_on[scales.device])
+        """Index of the Gaussian CDF for each scale, uint8 on the CPU, the scales' shape.
+
+        The same index for every float as compressai's build_indexes (lower-bound the scale to
+        table[0], then subtract one per table entry >= the scale; NaN maps to the last table),
+        computed by runtime/native/scale_index.hpp on the CPU whatever the scales' device: it
+        is exact float compares, so every machine derives the same indexes, and it costs less
+        than a twentieth of torch.bucketize, whose branchy search mispredicts on real scales.
+        """
+        values = np.ascontiguousarray(scales.detach().float().cpu().numpy())
+        return torch.from_numpy(self._scale_index(values))
 
 
 def gaussian_tables(table: torch.Tensor, tail_mass: float = 1e-9, precision: int = 16) -> CdfTables:
