@@ -50,17 +50,19 @@ fuzz: install
 
 # The native coder built with AddressSanitizer and UndefinedBehaviorSanitizer (any report aborts),
 # loaded in place of the installed one (OSDIFF_NATIVE_CODER), under the coder tests and a fuzz
-# of 20,000 damaged streams. Python itself is not instrumented, so the ASan runtime is preloaded.
+# of 20,000 damaged streams. Python itself is not instrumented, so the ASan runtime is preloaded,
+# with libstdc++ (else ASan cannot intercept C++ exceptions thrown from a library loaded later);
+# pytest -s, so that a report is printed before the abort, not lost in pytest's capture.
 sanitize: install
 	PATH="$(abspath $(BIN)):$$PATH" cmake -S . -B $(SANITIZE_BUILD) -DOSDIFF_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	    -DCMAKE_CXX_COMPILER=$(CXX) -DPython_EXECUTABLE="$(abspath $(BIN)/python)" \
 	    -Dnanobind_DIR="$$($(BIN)/python -m nanobind --cmake_dir)"
 	PATH="$(abspath $(BIN)):$$PATH" cmake --build $(SANITIZE_BUILD)
 	export OSDIFF_NATIVE_CODER="$$(ls $(abspath $(SANITIZE_BUILD))/_rans.*.so)" \
-	    LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+	    LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	    ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1; \
 	$(BIN)/python -c "from osdiff.runtime.coder import native; assert native().sanitized; print('sanitized coder:', native().__file__)" && \
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_coder.py tests/test_entropy.py && \
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_coder.py tests/test_entropy.py && \
 	$(BIN)/python tests/fuzz_streams.py --cases 20000
 
 clean:

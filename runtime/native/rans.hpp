@@ -22,9 +22,9 @@
 // compare it with compressai.ans both ways).
 #pragma once
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -225,14 +225,9 @@ public:
     // tables, StreamError for a corrupt string; the decoder is then unusable.
     template <class I>
     void decode(const I* indexes, size_t n, const Tables& t, int32_t* out) {
-        // Callers release the GIL: two threads in one decoder would race on its position.
-        struct Busy {
-            std::atomic_flag& flag;
-            explicit Busy(std::atomic_flag& f) : flag(f) {
-                if (flag.test_and_set()) throw ArgumentError("one decoder used by two threads at once");
-            }
-            ~Busy() { flag.clear(); }
-        } busy(busy_);
+        // Callers release the GIL: two threads in one decoder take turns instead of racing on
+        // its position.
+        std::lock_guard<std::mutex> lock(mutex_);
         if (failed_) throw StreamError("the decoder stopped at an error in an earlier round");
         failed_ = true;  // until this round succeeds
         const size_t rows = t.rows();
@@ -295,7 +290,7 @@ private:
     uint64_t x_ = 0;
     int64_t max_abs_;
     bool failed_ = false;
-    std::atomic_flag busy_ = ATOMIC_FLAG_INIT;
+    std::mutex mutex_;
 };
 
 }  // namespace rans
