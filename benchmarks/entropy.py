@@ -21,7 +21,7 @@ trips of indexes and symbols every round, and checkerboard split/squeeze/unsquee
 plus strided assignment. CompressAI's Python package does not import here, so the naive path calls
 its C++ coder (BufferedRansEncoder, RansDecoder) through osdiff.runtime.coder.ans.
 
-    python benchmarks/entropy.py [--height 512 --width 768 --repeat 5 --seed 0 --threads 1 --json PATH]
+    python benchmarks/entropy.py [--config full --height 512 --width 768 --repeat 5 --seed 0 --threads 1 --json PATH]
 """
 
 from __future__ import annotations
@@ -300,6 +300,8 @@ def cpu_model() -> str:
 
 
 @click.command()
+@click.option("--config", "config_name", default="full", show_default=True,
+              help='Model config: "full" (the published architecture; 3.5 GB of weights), "demo" or a JSON file.')
 @click.option("--height", default=512, show_default=True)
 @click.option("--width", default=768, show_default=True)
 @click.option("--repeat", default=5, show_default=True, help="timed repetitions (after one warm-up)")
@@ -310,11 +312,11 @@ def cpu_model() -> str:
                    "on a descheduled OpenMP worker")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_JSON,
               show_default=True)
-def main(height: int, width: int, repeat: int, seed: int, threads: int, json_path: Path) -> None:
+def main(config_name: str, height: int, width: int, repeat: int, seed: int, threads: int, json_path: Path) -> None:
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    model = OSDiffModel.random(ModelConfig.full(), seed)
+    model = OSDiffModel.random(ModelConfig.named(config_name), seed)
     backend = TorchBackend(model)
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
     (y0,) = backend.run("vae_encoder", image)
@@ -350,7 +352,7 @@ def main(height: int, width: int, repeat: int, seed: int, threads: int, json_pat
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": threads,
                     "load_average_before_after": [load_before[0], os.getloadavg()[0]],
                     "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "image": {"height": height, "width": width}, "seed": seed, "repeat": repeat,
+        "config": model.config.name, "image": {"height": height, "width": width}, "seed": seed, "repeat": repeat,
         "symbols": {"y": n_y, "z": n_z},
         "stream": {"y_bytes": y_bytes, "z_bytes": z_bytes, "bpp": bpp},
         "coder": {"ours": "native (osdiff.runtime._rans)",
