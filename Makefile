@@ -3,21 +3,38 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CXX ?= g++
+# pyproject.toml's [build-system] requires, installed into the venv too: the package is built
+# there without build isolation, so that rebuilding the native coder (and tests/test_packaging.py's
+# wheel) needs no network. scikit-build-core names cmake and ninja as well when the machine lacks them.
+BUILD_REQUIRES := "scikit-build-core>=0.10" "nanobind>=2.0"
+NATIVE_SOURCES := CMakeLists.txt $(wildcard runtime/native/*)
+SANITIZE_BUILD := build/sanitize
 
-.PHONY: install demo test typecheck bench clean
+.PHONY: install demo test typecheck bench fuzz sanitize clean
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(BUILD_REQUIRES)
+	# setuptools and wheel: pip builds any dependency that comes as a source distribution without
+	# build isolation too.
+	$(BIN)/pip install -q $$($(BIN)/python -c "from scikit_build_core.build import get_requires_for_build_editable as r; print(' '.join(r()))") setuptools wheel
 	# serve: PyTriton (its tritonserver) and tritonclient, for `osdiff serve`/`triton-repo` and their tests;
 	# eval: the metric libraries of `osdiff eval`
-	$(BIN)/pip install -q -c ci/constraints.txt -e ".[test,serve,eval]"
+	$(BIN)/pip install -q -c ci/constraints.txt --no-build-isolation -e ".[test,serve,eval]"
 	# Type stubs of the TensorRT 10.13 Python API; --no-deps because its metadata asks for
 	# the real tensorrt, which PyPI only has as a stub that downloads from NVIDIA.
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	$(BIN)/python ci/tensorrt_stubs.py
+	touch $@ $(VENV)/.native
+
+# The editable install runs Python from the checkout but the extension from the venv: rebuild it
+# when the C++ changes (build/<wheel tag> is kept, so only what changed recompiles).
+$(VENV)/.native: $(NATIVE_SOURCES) | $(VENV)/.installed
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.native
 
 demo: install
 	$(BIN)/osdiff demo
@@ -28,6 +45,27 @@ test: install
 
 typecheck: install
 	$(BIN)/python -m mypy
+
+# A longer fuzz than CI's 10,000 cases, with the default (native) coder.
+fuzz: install
+	$(BIN)/python tests/fuzz_streams.py --cases 200000
+
+# The native coder built with AddressSanitizer and UndefinedBehaviorSanitizer (any report aborts),
+# loaded in place of the installed one (OSDIFF_NATIVE_CODER), under the coder tests and a fuzz
+# of 20,000 damaged streams. Python itself is not instrumented, so the ASan runtime is preloaded,
+# with libstdc++ (else ASan cannot intercept C++ exceptions thrown from a library loaded later);
+# pytest -s, so that a report is printed before the abort, not lost in pytest's capture.
+sanitize: install
+	PATH="$(abspath $(BIN)):$$PATH" cmake -S . -B $(SANITIZE_BUILD) -DOSDIFF_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	    -DCMAKE_CXX_COMPILER=$(CXX) -DPython_EXECUTABLE="$(abspath $(BIN)/python)" \
+	    -Dnanobind_DIR="$$($(BIN)/python -m nanobind --cmake_dir)"
+	PATH="$(abspath $(BIN)):$$PATH" cmake --build $(SANITIZE_BUILD)
+	export OSDIFF_NATIVE_CODER="$$(ls $(abspath $(SANITIZE_BUILD))/_rans.*.so)" \
+	    LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	    ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1; \
+	$(BIN)/python -c "from osdiff.runtime.coder import native; assert native().sanitized; print('sanitized coder:', native().__file__)" && \
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_coder.py tests/test_entropy.py && \
+	$(BIN)/python tests/fuzz_streams.py --cases 20000
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,7 +22,7 @@ from osdiff.config import ConfigError, ModelConfig
 from osdiff.engine.profiles import DEFAULT_PROFILE
 from osdiff.export.checkpoint import CheckpointError, CheckpointWarning
 from osdiff.files import ImageError, ImageWarning, png_bytes, psnr, read_image, write_atomic
-from osdiff.runtime.coder import StreamError
+from osdiff.runtime.coder import CODERS, StreamError, use_coder
 
 if TYPE_CHECKING:
     from osdiff.export.model import OSDiffModel
@@ -46,8 +46,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group()
 @click.version_option(package_name="osdiff-engine")
-def main() -> None:
+@click.option("--coder", type=click.Choice(CODERS), default=None,
+              help="rANS coder: native (the default) or compressai (CompressAI's own, the reference; slower). "
+                   "Streams do not depend on it.")
+def main(coder: str | None) -> None:
     """osdiff-engine: the OSDiff one-step diffusion image codec."""
+    if coder:
+        use_coder(coder)
 
 
 # ---------------------------------------------------------------------------------------------

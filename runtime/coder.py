@@ -1,23 +1,27 @@
-"""CompressAI's rANS range coder, called so that bad input cannot crash the process.
+"""The one door to the rANS range coder: CompressAI's stream format (`compressai.ans`), written
+by either of two coders that produce and read the same bytes.
 
-We use two C++ pieces of CompressAI: the rANS coder (`compressai.ans`) and the pmf -> 16-bit
-CDF quantizer (`compressai._CXX.pmf_to_quantized_cdf`). We do not import CompressAI's Python
-package: its `__init__` imports the whole training stack (torchvision, torch-geometric,
-matplotlib, ...), which is slow and on CPU-only torch builds does not import at all. Both
-extensions are self-contained pybind11 modules, so they are loaded straight from the installed
+- "native" (the default): ours, `osdiff.runtime._rans`, built from runtime/native/ by
+  CMakeLists.txt. numpy arrays in and out, tables registered once per model, one call per
+  decoding round with the GIL released, and every read of a string bounds-checked: any bytes
+  decode to symbols or raise StreamError, in time linear in (string length + symbols).
+- "compressai": CompressAI's own C++ coder (BufferedRansEncoder, RansDecoder), kept as the
+  oracle the native coder is tested against and selectable at run time
+  (`use_coder("compressai")`, `osdiff ... --coder compressai`). It takes Python lists, and it
+  trusts its caller completely, so this module never calls it with arguments that can hurt it:
+  - encoding fewer than 3 symbols overflows its output buffer (it reserves one 32-bit word
+    per symbol; the flush alone writes two): every string codes at least MIN_SYMBOLS (the
+    native coder pads the same way, so the two write the same bytes);
+  - indexes outside the table list, or tables that are not strictly increasing 16-bit CDFs,
+    are read out of bounds: both are validated here;
+  - its decoder does no bounds checks: it is given a copy of the string followed by enough
+    zero bytes to hold every read any string of that length can cause (compressai_padding).
+
+We do not import CompressAI's Python package: its `__init__` imports the whole training stack
+(torchvision, torch-geometric, matplotlib, ...), which is slow and on CPU-only torch builds
+does not import at all. Its two C++ pieces we use (the coder and the pmf -> 16-bit CDF
+quantizer) are self-contained pybind11 modules, loaded straight from the installed
 distribution.
-
-The coder itself trusts its caller completely, so this module is the only place that calls it
-and it never does so with arguments that can hurt it:
-- encoding fewer than 3 symbols overflows the coder's output buffer (it reserves one 32-bit
-  word per symbol; the flush alone writes two): streams are padded to MIN_SYMBOLS;
-- indexes outside the table list, or tables that are not strictly increasing 16-bit CDFs, are
-  read out of bounds: both are validated here;
-- the decoder does no bounds checks on the stream: a truncated or forged string makes it read
-  past the end. Strings are checked for the shape the encoder always produces (whole 32-bit
-  words, a valid initial state) and decoded from a copy followed by zero padding, so that the
-  reads a corrupt string causes land in memory we own. A corrupt string then decodes to wrong
-  symbols, which the stream's check value (runtime/bitstream.py) rejects.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from types import ModuleType
 
 import numpy as np
@@ -36,15 +41,42 @@ MIN_SYMBOLS = 3
 # |symbol| beyond this means the latent is not finite or the stream is garbage; a trained
 # OSDiff latent is within a few hundred.
 MAX_ABS_SYMBOL = 1 << 20
-# Zero bytes appended behind a string before decoding. Past the end of its data the decoder
-# consumes at most one 32-bit word per symbol plus what escape codes read; two words per
-# symbol keeps even garbage strings inside the padding.
-PAD_BYTES_PER_SYMBOL = 8
-_PAD_MIN = 1 << 16
+# The most a symbol of |value| <= MAX_ABS_SYMBOL can cost: 16 bits (frequency >= 1 of 2^16),
+# plus an escape's 4-bit chunk count and at most six 4-bit chunks of its raw value (< 2^24
+# for the tables any model has). Rounded up to 8 bytes: a longer string for n symbols was not
+# written by an encoder.
+MAX_BYTES_PER_SYMBOL = 8
+CODERS = ("native", "compressai")
+_coder = "native"
 
 
 class StreamError(ValueError):
     """The bitstream is corrupt, truncated, or was not made by this model."""
+
+
+def use_coder(name: str) -> None:
+    """Selects the coder that Encoder and Decoder use from now on: "native" or "compressai".
+    Streams do not depend on it: each coder reads the other's strings."""
+    global _coder
+    if name not in CODERS:
+        raise ValueError(f"unknown coder {name!r}; choose one of {', '.join(CODERS)}")
+    if name == "native":
+        native()  # fail here, not at the first image, if it is not built
+    _coder = name
+
+
+def current_coder() -> str:
+    return _coder
+
+
+def _load_extension(full_name: str, path: str) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(full_name, path)
+    spec = importlib.util.spec_from_file_location(full_name, path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    sys.modules[full_name] = module
+    return module
 
 
 def _compressai_extension(name: str) -> ModuleType:
@@ -58,17 +90,30 @@ def _compressai_extension(name: str) -> ModuleType:
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
             path = os.path.join(folder, name + suffix)
             if os.path.exists(path):
-                loader = importlib.machinery.ExtensionFileLoader(full, path)
-                ext_spec = importlib.util.spec_from_file_location(full, path, loader=loader)
-                assert ext_spec is not None
-                module = importlib.util.module_from_spec(ext_spec)
-                loader.exec_module(module)
-                sys.modules[full] = module
-                return module
+                return _load_extension(full, path)
     raise ImportError(f"compressai is installed but its C++ extension {name!r} is missing")
 
 
 ans = _compressai_extension("ans")
+
+
+def native() -> ModuleType:
+    """The native extension, osdiff.runtime._rans. OSDIFF_NATIVE_CODER=PATH loads another build
+    of it instead (`make sanitize` uses this for its AddressSanitizer build)."""
+    name = "osdiff.runtime._rans"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.environ.get("OSDIFF_NATIVE_CODER")
+    if path:
+        return _load_extension(name, path)
+    try:
+        from osdiff.runtime import _rans
+    except ImportError as e:
+        raise ImportError(
+            "the native entropy-coding extension (osdiff.runtime._rans) is not built: reinstall the package "
+            "(`pip install -e .`, needs a C++17 compiler)"
+        ) from e
+    return _rans
 
 
 def quantized_cdf(pmf: np.ndarray, precision: int = PRECISION) -> np.ndarray:
@@ -82,11 +127,11 @@ def quantized_cdf(pmf: np.ndarray, precision: int = PRECISION) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CdfTables:
-    """A list of quantized CDFs in the form the coder takes.
+    """A list of quantized CDFs in the form the coders take.
 
-    `cdfs[i]` is truncated to its length: the coder converts every row it is given from Python
-    on every call, so padded rows (3133 entries each for the Gaussian tables) would cost more
-    than the decoding itself.
+    `cdfs[i]` is truncated to its length: the compressai coder converts every row it is given
+    from Python on every call, so padded rows (3133 entries each for the Gaussian tables) would
+    cost more than the decoding itself. The native coder gets them once, as `native`.
     """
 
     cdfs: list[list[int]]
@@ -112,6 +157,19 @@ class CdfTables:
             out[i, : len(c)] = c
         return out, np.asarray(self.lengths, dtype=np.int32), np.asarray(self.offsets, dtype=np.int32)
 
+    @cached_property
+    def native(self) -> object:
+        """The tables registered with the native coder (built on first use, then kept)."""
+        return native().Tables(*self.padded())
+
+
+def _index_array(indexes: np.ndarray) -> np.ndarray:
+    """A flat index array in a type both coders take without another copy where possible."""
+    indexes = np.asarray(indexes).reshape(-1)
+    if indexes.dtype not in (np.uint8, np.uint16, np.int32):
+        indexes = indexes.astype(np.int32)
+    return np.ascontiguousarray(indexes)
+
 
 def _check_indexes(indexes: np.ndarray, tables: CdfTables) -> int:
     """Returns the largest index used, after checking that every index names a table."""
@@ -124,23 +182,28 @@ def _check_indexes(indexes: np.ndarray, tables: CdfTables) -> int:
 
 
 class Encoder:
-    """Collects symbols group by group, then writes one rANS string."""
+    """Collects symbols group by group, then writes one rANS string (rANS codes in reverse, so
+    nothing is written before the last group is known)."""
 
-    def __init__(self) -> None:
+    def __init__(self, coder: str | None = None) -> None:
+        self.coder = coder or _coder
+        if self.coder not in CODERS:
+            raise ValueError(f"unknown coder {self.coder!r}")
         self._symbols: list[np.ndarray] = []
         self._indexes: list[np.ndarray] = []
         self._tables: CdfTables | None = None
-        self._top = 0  # one past the largest index seen: the coder only gets the rows it needs
+        self._top = 0  # one past the largest index seen: the compressai coder only gets the rows it needs
         self.count = 0
 
     def encode(self, symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> None:
+        """symbols: any integer shape; indexes: CDF rows, the same number in the same order."""
         symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
-        indexes = np.ascontiguousarray(indexes, dtype=np.int32).reshape(-1)
+        indexes = _index_array(indexes)
         if symbols.shape != indexes.shape:
             raise ValueError("symbols and indexes differ in size")
         if self._tables is not None and tables is not self._tables:
             raise ValueError("one string is coded with one set of tables")
-        if symbols.size and int(np.abs(symbols).max()) > MAX_ABS_SYMBOL:
+        if symbols.size and (int(symbols.min()) < -MAX_ABS_SYMBOL or int(symbols.max()) > MAX_ABS_SYMBOL):
             raise ValueError("latent value out of range (not finite, or the model is broken)")
         self._top = max(self._top, _check_indexes(indexes, tables) + 1)
         self._tables = tables
@@ -153,33 +216,66 @@ class Encoder:
             raise ValueError("nothing to encode")
         pad = max(0, MIN_SYMBOLS - self.count)
         symbols = np.concatenate(self._symbols + [np.zeros(pad, np.int32)])
-        indexes = np.concatenate(self._indexes + [np.zeros(pad, np.int32)])
-        t, top = self._tables, max(self._top, 1)  # the padding symbols use index 0
+        indexes = np.concatenate(self._indexes + [np.zeros(pad, self._indexes[0].dtype)])  # padding: index 0
+        t = self._tables
+        if self.coder == "native":
+            return native().encode(symbols, indexes, t.native)
+        top = max(self._top, 1)
         encoder = ans.BufferedRansEncoder()
         encoder.encode_with_indexes(symbols.tolist(), indexes.tolist(), t.cdfs[:top], t.lengths[:top], t.offsets[:top])
         return bytes(encoder.flush())
 
 
+def compressai_padding(string_bytes: int, symbols: int) -> int:
+    """Zero bytes behind a string that hold every read CompressAI's decoder can make on it.
+
+    Past the data, its reads come from escape codes: a chunk count is a run of 15s (4 bits
+    each) and sets how many 4-bit raw chunks follow. Over the string's own bytes a run can read
+    15 chunks of raw value per count chunk: at most 15 bytes per byte of string. In the zeros
+    behind it, a count run only lasts as long as the 64-bit state still holds string bits (at
+    most 16 chunks), so one symbol reads at most 16 + 4 * (1 + 16 + 16 * 15) bits plus one
+    refill word: under 160 bytes.
+    """
+    return 16 * string_bytes + 160 * symbols + (1 << 16)
+
+
 class Decoder:
     """Decodes one rANS string group by group, in the order the encoder coded it."""
 
-    def __init__(self, string: bytes, tables: CdfTables, total_symbols: int) -> None:
+    def __init__(self, string: bytes, tables: CdfTables, total_symbols: int, coder: str | None = None) -> None:
+        self.coder = coder or _coder
+        if self.coder not in CODERS:
+            raise ValueError(f"unknown coder {self.coder!r}")
+        self._tables = tables
+        self._remaining = max(total_symbols, MIN_SYMBOLS)
+        if len(string) > MAX_BYTES_PER_SYMBOL * self._remaining + 16:
+            raise StreamError(f"entropy-coded string of {len(string)} bytes: longer than any encoder writes "
+                              f"for {self._remaining} symbols")
+        if self.coder == "native":
+            try:
+                self._native = native().Decoder(bytes(string), MAX_ABS_SYMBOL)
+            except native().StreamError as e:
+                raise StreamError(str(e)) from None
+            return
         if len(string) < 8 or len(string) % 4:
             raise StreamError(f"entropy-coded string of {len(string)} bytes: not a whole number of 32-bit words")
         state = int.from_bytes(string[:8], "little")
         if not (1 << 31) <= state < (1 << 63):
             raise StreamError("entropy-coded string does not start with a valid coder state")
-        self._tables = tables
-        self._remaining = max(total_symbols, MIN_SYMBOLS)
-        pad = PAD_BYTES_PER_SYMBOL * self._remaining + _PAD_MIN
         self._decoder = ans.RansDecoder()
-        self._decoder.set_stream(bytes(string) + bytes(pad))
+        self._decoder.set_stream(bytes(string) + bytes(compressai_padding(len(string), self._remaining)))
 
     def decode(self, indexes: np.ndarray) -> np.ndarray:
-        indexes = np.ascontiguousarray(indexes, dtype=np.int32).reshape(-1)
+        """indexes: the CDF rows of the next symbols, any shape -> those symbols, (n,) int32."""
+        indexes = _index_array(indexes)
         if indexes.size > self._remaining:
             raise ValueError("asked to decode more symbols than the stream was opened for")
         self._remaining -= indexes.size
+        if self.coder == "native":
+            try:
+                return self._native.decode(indexes, self._tables.native)
+            except native().StreamError as e:
+                raise StreamError(str(e)) from None
         top = _check_indexes(indexes, self._tables) + 1
         if top == 0:
             return np.zeros(0, dtype=np.int32)

@@ -34,7 +34,7 @@ import torch
 
 from osdiff.config import EntropyConfig
 from osdiff.runtime import f32
-from osdiff.runtime.coder import CdfTables, Decoder, Encoder, quantized_cdf
+from osdiff.runtime.coder import CdfTables, Decoder, Encoder, native, quantized_cdf
 
 # The arithmetic a derivation runs in: runtime/f32.py (canonical, the default everywhere) or
 # runtime/f32_native.py (torch's float32 kernels of this CPU, for the original's raw format).
@@ -64,12 +64,24 @@ class GaussianConditional:
         self.cfg = cfg
         scales, self.tables = _gaussian(cfg, arithmetic)
         self.scale_table = torch.tensor(scales)
-        self._table_on: dict[torch.device, torch.Tensor] = {}  # the scale table per device, copied once
+        self._scale_index = native().ScaleIndex(scales)
+        self._table_on: dict[torch.device, torch.Tensor] = {}  # the scale table per accelerator, copied once
 
     def build_indexes(self, scales: torch.Tensor) -> torch.Tensor:
+        """Index of the Gaussian CDF for each scale: uint8, the scales' shape and device.
+
+        The same index for every float as compressai's build_indexes (lower-bound the scale to
+        table[0], then subtract one per table entry >= the scale; NaN maps to the last table):
+        exact float compares, so every machine derives the same indexes. On the CPU by
+        runtime/native/scale_index.hpp, a twentieth of the time of torch.bucketize (whose
+        branchy search mispredicts on real scales); on an accelerator by `scale_indexes`, so
+        that only the one-byte indexes cross the bus.
+        """
+        if scales.device.type == "cpu":
+            return torch.from_numpy(self._scale_index(np.ascontiguousarray(scales.detach().float().numpy())))
         if scales.device not in self._table_on:
             self._table_on[scales.device] = self.scale_table.to(scales.device)
-        return scale_indexes(scales, self._table_on[scales.device])
+        return scale_indexes(scales, self._table_on[scales.device]).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=8)

@@ -4,8 +4,9 @@ Every damaged stream must either raise StreamError (the one documented error) or
 damage happens not to change a single coded symbol, decode to exactly the original image. No
 other exception, no crash, no hang.
 
-Run more cases than CI does:  python tests/fuzz_streams.py --cases 1000000 [--seed S]
-(uses the tiny reference model in ../shared/reference/tiny, or --reference DIR).
+Run more cases than CI does:  python tests/fuzz_streams.py --cases 1000000 [--seed S] [--coder compressai]
+(uses the tiny reference model in ../shared/reference/tiny, or --reference DIR; the default
+coder is the native one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from osdiff.runtime.bitstream import StreamError
 from osdiff.runtime.codec import Codec
+from osdiff.runtime.coder import CODERS, current_coder, use_coder
 
 MUTATIONS = ("bit_flips", "truncate", "extend", "splice_header", "random_bytes", "set_bytes", "insert_delete", "header_field")
 
@@ -104,7 +106,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared/reference/tiny")
+    parser.add_argument("--coder", choices=CODERS, default=current_coder())
     args = parser.parse_args()
+    use_coder(args.coder)
     cfg = ModelConfig.from_json(args.reference / "config.json")
     model = OSDiffModel.load(args.reference / "sd21_tiny.ckpt", args.reference / "osdiff_tiny.ckpt", cfg)
     codec = Codec(TorchBackend(model), max_pixels=256 * 256)
@@ -112,7 +116,8 @@ def main() -> None:
     outcomes = fuzz(codec, tiny_streams(codec), args.cases, args.seed)
     for key, count in sorted(outcomes.items()):
         print(f"{count:>9}  {key}")
-    print(f"{args.cases} cases in {time.perf_counter() - t0:.0f} s: no crash, no hang, only StreamError")
+    print(f"{args.cases} cases in {time.perf_counter() - t0:.0f} s with the {args.coder} coder: "
+          "no crash, no hang, only StreamError")
 
 
 if __name__ == "__main__":

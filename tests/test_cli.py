@@ -72,6 +72,25 @@ def test_reference_format(inputs, tiny_export, tiny_dir, tmp_path):
     assert read_image(tmp_path / "s.png").shape == (128, 192, 3)
 
 
+def test_either_coder_writes_the_same_stream_and_reads_the_other(inputs, tiny_export, tmp_path):
+    from osdiff.runtime.coder import current_coder, use_coder
+
+    run("compress", inputs / "photo.png", "-o", tmp_path / "native.osd", "--engines", tiny_export)
+    try:
+        run("--coder", "compressai", "compress", inputs / "photo.png", "-o", tmp_path / "compressai.osd",
+            "--engines", tiny_export)
+        assert current_coder() == "compressai"
+        run("--coder", "compressai", "decompress", tmp_path / "native.osd", "-o", tmp_path / "by_compressai.png",
+            "--engines", tiny_export)
+    finally:
+        use_coder("native")
+    assert (tmp_path / "native.osd").read_bytes() == (tmp_path / "compressai.osd").read_bytes()
+    run("decompress", tmp_path / "compressai.osd", "-o", tmp_path / "by_native.png", "--engines", tiny_export)
+    assert np.array_equal(read_image(tmp_path / "by_native.png"), read_image(tmp_path / "by_compressai.png"))
+    assert "Invalid value" in run("--coder", "fast", "decompress", tmp_path / "native.osd", "-o", tmp_path / "x.png",
+                                  "--engines", tiny_export, ok=False).output
+
+
 def test_usage_errors(inputs, tiny_dir, tmp_path):
     out = run("compress", inputs / "photo.png", "-o", tmp_path, ok=False).output
     assert "give --sd and --osdiff" in out

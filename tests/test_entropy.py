@@ -1,4 +1,4 @@
-"""Entropy models and the coder: exact tables, exact strings, identical indexes, no crashes."""
+"""Entropy models: exact tables, the z string, identical indexes (the coder itself: test_coder.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import sub_state_dict
 from osdiff.export.checkpoint import eb_canonical
 from osdiff.export.model import _random_bottleneck
 from osdiff.runtime import f32
-from osdiff.runtime.coder import MIN_SYMBOLS, CdfTables, Decoder, Encoder, StreamError, quantized_cdf
+from osdiff.runtime.coder import quantized_cdf
 from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional, scale_indexes
 
 
@@ -98,22 +98,6 @@ def test_z_string_is_byte_exact(tiny_state_dict, golden, tiny_dir, symbols):
     np.testing.assert_array_equal(z_symbols[0], symbols["z_symbols"])
 
 
-def test_y_string_is_byte_exact_and_decodes_round_by_round(gaussian, symbols, tiny_dir):
-    enc = Encoder()
-    enc.encode(symbols["y_symbols_coding_order"], symbols["y_indexes_coding_order"], gaussian.tables)
-    reference = (tiny_dir / "y_string.bin").read_bytes()
-    assert enc.flush() == reference
-    dec = Decoder(reference, gaussian.tables, total_symbols=1536)
-    out = []
-    for k, c in enumerate((2, 6, 8)):
-        for half in ("anchor", "nonanchor"):
-            idx = symbols[f"slice{k}_{half}_indexes"]
-            got = dec.decode(idx.reshape(-1))
-            np.testing.assert_array_equal(got, symbols[f"slice{k}_{half}_symbols"].reshape(-1))
-            out.append(got)
-    np.testing.assert_array_equal(np.concatenate(out), symbols["y_symbols_coding_order"])
-
-
 def test_reference_indexes_from_reference_scales(gaussian, symbols):
     for k in range(3):
         for half in ("anchor", "nonanchor"):
@@ -139,87 +123,31 @@ def test_scale_indexes_identical_at_every_table_boundary(gaussian):
         for _ in range(ulps - 1):
             up, down = torch.nextafter(up, torch.tensor(np.inf)), torch.nextafter(down, torch.tensor(-np.inf))
         near += [up, down]
-    special = torch.tensor([0.0, -0.0, -1.0, 1e-30, 0.11, 0.10999999, 256.0, 300.0, 1e30, np.inf, -np.inf])
-    scales = torch.cat(near + [special, torch.rand(100_000) * 300, torch.exp(torch.randn(100_000) * 3)])
-    np.testing.assert_array_equal(scale_indexes(scales, table).numpy(), compressai_build_indexes(scales, table).numpy())
-    nan = scale_indexes(torch.tensor([np.nan]), table)
-    assert int(nan) == compressai_build_indexes(torch.tensor([np.nan]), table).item() == 63
+    special = torch.tensor([0.0, -0.0, -1.0, 1e-30, 1e-45, -1e-45, 0.11, 0.10999999, 256.0, 300.0, 1e30, 3.4e38,
+                            -3.4e38, np.inf, -np.inf])
+    # the native lookup is keyed by a float's top 16 bits: every key's first and last float
+    keys = np.arange(0, 1 << 16, dtype=np.uint32) << 16
+    edges = torch.from_numpy(np.concatenate([keys, keys | 0xFFFF]).view(np.float32))
+    edges = edges[~torch.isnan(edges)]
+    scales = torch.cat(near + [special, edges, torch.rand(100_000) * 300, torch.exp(torch.randn(100_000) * 3)])
+    got = gaussian.build_indexes(scales)
+    assert got.dtype == torch.uint8 and got.device.type == "cpu"
+    np.testing.assert_array_equal(got.numpy(), compressai_build_indexes(scales, table).numpy())
+    # the accelerators' path (torch.bucketize on the scales' device), run here on the CPU
+    np.testing.assert_array_equal(scale_indexes(scales, table).numpy(), got.numpy())
+    # NaN of either sign, any payload: the last table, as compressai's max() propagates NaN
+    nans = torch.from_numpy(np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF], np.uint32).view(np.float32))
+    assert gaussian.build_indexes(nans).tolist() == [63] * 4
+    assert compressai_build_indexes(torch.tensor([np.nan]), table).item() == 63
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 5])
-def test_tiny_symbol_counts_round_trip(gaussian, n):
-    """compressai's encoder overflows its buffer below 3 symbols: we pad, and decode exactly."""
-    rng = np.random.default_rng(n)
-    symbols = rng.integers(-3, 4, n).astype(np.int32)
-    indexes = rng.integers(0, 64, n).astype(np.int32)
-    enc = Encoder()
-    enc.encode(symbols, indexes, gaussian.tables)
-    string = enc.flush()
-    assert len(string) >= 8 and len(string) % 4 == 0
-    np.testing.assert_array_equal(Decoder(string, gaussian.tables, n).decode(indexes), symbols)
-    assert MIN_SYMBOLS == 3
-
-
-def test_escape_codes_round_trip(gaussian):
-    """Values far outside the CDF support take the bypass path both ways."""
-    symbols = np.array([0, 5000, -70000, 3, (1 << 20), -(1 << 20), 1], dtype=np.int32)
-    indexes = np.array([0, 0, 10, 63, 0, 5, 0], dtype=np.int32)
-    enc = Encoder()
-    enc.encode(symbols, indexes, gaussian.tables)
-    np.testing.assert_array_equal(Decoder(enc.flush(), gaussian.tables, 7).decode(indexes), symbols)
-
-
-def test_encoder_refuses_bad_arguments(gaussian):
-    enc = Encoder()
-    with pytest.raises(ValueError, match="out of range"):
-        enc.encode(np.zeros(4, np.int32), np.array([0, 1, 64, 2], np.int32), gaussian.tables)
-    with pytest.raises(ValueError, match="out of range"):
-        enc.encode(np.array([0, (1 << 20) + 1], np.int32), np.zeros(2, np.int32), gaussian.tables)
-    with pytest.raises(ValueError, match="differ in size"):
-        enc.encode(np.zeros(3, np.int32), np.zeros(4, np.int32), gaussian.tables)
-
-
-@pytest.mark.parametrize("string", [b"", b"\x00" * 7, b"\x00" * 9, b"\xff" * 12, b"\x00" * 16])
-def test_decoder_refuses_strings_the_encoder_never_writes(gaussian, string):
-    with pytest.raises(StreamError):
-        Decoder(string, gaussian.tables, 100)
-
-
-def test_decoder_survives_garbage(gaussian):
-    """Random words with a valid initial state decode to something or raise StreamError,
-    never crash: reads past the string land in the zero padding."""
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, 64, 20_000).astype(np.int32)
-    for trial in range(200):
-        n_words = int(rng.integers(2, 64))
-        words = rng.integers(0, 1 << 32, n_words, dtype=np.uint64).astype("<u4")
-        words[1] = (words[1] & 0x7FFFFFFF) | 1  # initial state in [2^32, 2^63)
-        if trial % 3 == 0:
-            words[2:] = 0xFFFFFFFF  # all-ones: the longest escape chains
-        dec = Decoder(words.tobytes(), gaussian.tables, idx.size)
-        try:
-            for part in np.array_split(idx, 4):
-                dec.decode(part)
-        except StreamError:
-            pass
-
-
-def test_decoder_refuses_more_symbols_than_opened(gaussian):
-    enc = Encoder()
-    enc.encode(np.zeros(10, np.int32), np.zeros(10, np.int32), gaussian.tables)
-    dec = Decoder(enc.flush(), gaussian.tables, 10)
-    dec.decode(np.zeros(6, np.int32))
-    with pytest.raises(ValueError, match="more symbols"):
-        dec.decode(np.zeros(5, np.int32))
-
-
-def test_cdf_tables_validate_rows():
-    with pytest.raises(ValueError):
-        CdfTables(cdfs=[[0, 100, 100, 65536]], offsets=[0])
-    with pytest.raises(ValueError):
-        CdfTables(cdfs=[[0, 65535]], offsets=[0])
-    with pytest.raises(ValueError):
-        CdfTables(cdfs=[[0, 10, 65536]], offsets=[0, 1])
+def test_scale_indexes_keep_the_shape_and_take_any_layout(gaussian):
+    scales = torch.exp(torch.randn(2, 8, 6, 10))
+    strided = scales.permute(0, 2, 3, 1)  # not contiguous
+    got = gaussian.build_indexes(strided)
+    assert got.shape == strided.shape
+    np.testing.assert_array_equal(got.numpy(), compressai_build_indexes(strided, gaussian.scale_table).numpy())
+    assert gaussian.build_indexes(scales.double()).shape == scales.shape
 
 
 def test_the_original_arithmetic_is_compressai_124_in_float32_torch(tiny_state_dict):

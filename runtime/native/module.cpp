@@ -1,0 +1,114 @@
+// osdiff.runtime._rans: the rANS coder of rans.hpp over numpy arrays. Python never sees a
+// list: symbols and indexes come in as arrays, decoded symbols go out as one, and the coding
+// loops run with the GIL released. runtime/coder.py is the only caller.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <cstring>
+#include <memory>
+
+#include "rans.hpp"
+#include "scale_index.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+template <class T>
+using Vector = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Symbols = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>;
+
+template <class I>
+static nb::bytes encode(Vector<int32_t> symbols, Vector<I> indexes, const rans::Tables& tables) {
+    if (symbols.shape(0) != indexes.shape(0)) throw rans::ArgumentError("symbols and indexes differ in size");
+    std::vector<uint8_t> out;
+    {
+        nb::gil_scoped_release release;
+        out = rans::encode(symbols.data(), indexes.data(), symbols.shape(0), tables);
+    }
+    return nb::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+}
+
+template <class I>
+static Symbols decode(rans::Decoder& decoder, Vector<I> indexes, const rans::Tables& tables) {
+    const size_t n = indexes.shape(0);
+    std::unique_ptr<int32_t[]> out(new int32_t[n ? n : 1]);
+    {
+        nb::gil_scoped_release release;
+        decoder.decode(indexes.data(), n, tables, out.get());
+    }
+    int32_t* data = out.release();
+    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+    return Symbols(data, {n}, owner);
+}
+
+static nb::ndarray<nb::numpy, uint8_t> scale_indexes(const rans::ScaleIndex& index,
+                                                     nb::ndarray<const float, nb::c_contig, nb::device::cpu> scales) {
+    const size_t n = scales.size();
+    std::unique_ptr<uint8_t[]> out(new uint8_t[n ? n : 1]);
+    {
+        nb::gil_scoped_release release;
+        index.map(scales.data(), n, out.get());
+    }
+    std::vector<size_t> shape(scales.ndim());
+    for (size_t d = 0; d < shape.size(); ++d) shape[d] = scales.shape(d);
+    uint8_t* data = out.release();
+    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+    return nb::ndarray<nb::numpy, uint8_t>(data, shape.size(), shape.data(), owner);
+}
+
+NB_MODULE(_rans, m) {
+    m.doc() = "CompressAI's rANS stream format, bounds-checked, over numpy arrays (runtime/native/rans.hpp)";
+    nb::exception<rans::StreamError>(m, "StreamError", PyExc_ValueError);
+    m.attr("PRECISION") = rans::kPrecision;
+#ifdef OSDIFF_SANITIZE
+    m.attr("sanitized") = true;
+#else
+    m.attr("sanitized") = false;
+#endif
+
+    nb::class_<rans::Tables>(m, "Tables", "Quantized CDF tables, validated once and kept for a model's lifetime.")
+        .def(
+            "__init__",
+            [](rans::Tables* self, nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> cdf,
+               Vector<int32_t> lengths, Vector<int32_t> offsets) {
+                if (lengths.shape(0) != cdf.shape(0) || offsets.shape(0) != cdf.shape(0))
+                    throw rans::ArgumentError("CDF tables: need one length and one offset per row");
+                new (self) rans::Tables(cdf.data(), cdf.shape(0), cdf.shape(1), lengths.data(), offsets.data());
+            },
+            "cdf"_a.noconvert(), "lengths"_a.noconvert(), "offsets"_a.noconvert(),
+            "cdf: (rows, width) int32, row r's first lengths[r] entries its CDF; lengths, offsets: (rows,) int32.")
+        .def_prop_ro("rows", &rans::Tables::rows);
+
+    // Arrays are taken as they are (noconvert): an implicit cast would wrap an int64 index or
+    // symbol into range without a word.
+    const char* encode_doc = "encode(symbols, indexes, tables) -> bytes: symbols (n,) int32 coded with the "
+                             "table rows indexes (n,) (uint8, uint16 or int32), in order. Arrays must be "
+                             "C-contiguous and of exactly these types.";
+    m.def("encode", &encode<uint8_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a, encode_doc);
+    m.def("encode", &encode<uint16_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a);
+    m.def("encode", &encode<int32_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a);
+
+    nb::class_<rans::Decoder>(m, "Decoder", "Decodes one string round by round (not thread-safe).")
+        .def(
+            "__init__",
+            [](rans::Decoder* self, nb::bytes string, int64_t max_abs) {
+                new (self) rans::Decoder(reinterpret_cast<const uint8_t*>(string.c_str()), string.size(), max_abs);
+            },
+            "string"_a, "max_abs"_a,
+            "Copies the string; raises StreamError if it cannot be a coded string. A decoded |symbol| over "
+            "max_abs raises StreamError.")
+        .def("decode", &decode<uint8_t>, "indexes"_a.noconvert(), "tables"_a,
+             "decode(indexes, tables) -> (n,) int32: the next n symbols, with the table rows indexes (n,) "
+             "(uint8, uint16 or int32, C-contiguous).")
+        .def("decode", &decode<uint16_t>, "indexes"_a.noconvert(), "tables"_a)
+        .def("decode", &decode<int32_t>, "indexes"_a.noconvert(), "tables"_a)
+        .def_prop_ro("bytes_read", &rans::Decoder::bytes_read);
+
+    nb::class_<rans::ScaleIndex>(m, "ScaleIndex", "Gaussian scale -> CDF index, as compressai's build_indexes.")
+        .def(
+            "__init__",
+            [](rans::ScaleIndex* self, Vector<float> table) { new (self) rans::ScaleIndex(table.data(), table.shape(0)); },
+            "table"_a.noconvert(), "table: the scale table, (n,) float32, 2 <= n <= 256, strictly increasing.")
+        .def("__call__", &scale_indexes, "scales"_a.noconvert(),
+             "scales: float32 array, any shape, C-contiguous -> uint8 indexes of the same shape.");
+}

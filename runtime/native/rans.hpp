@@ -1,0 +1,296 @@
+// The rANS range coder of CompressAI's `compressai.ans`, written from its stream format, with
+// every read of the string bounds-checked.
+//
+// Format (what the bytes mean; every constant below is part of it):
+// - The coder state x is 64 bits and lives in [L, 2^63), L = 2^31. Renormalization moves
+//   32-bit words: the encoder emits the low word when a symbol would push x past 2^63, the
+//   decoder reads one when x falls below L.
+// - A symbol s of a table with quantized CDF c (16-bit precision, c[0] = 0, c[n-1] = 2^16)
+//   codes as start c[s], frequency c[s+1] - c[s]. The last symbol, n - 2, is the escape: a
+//   value v outside [0, n - 2) codes the escape, then its raw value in 4-bit bypass chunks:
+//   raw = -2v - 1 below the table, 2(v - (n - 2)) above it; the number of chunks k (the
+//   fewest that hold raw, 0 for raw = 0) as chunks of 15 + a last chunk < 15, then raw's
+//   chunks, least significant first. A bypass chunk is x -> (x << 4) | chunk.
+// - Symbols are coded in reverse so that they decode forwards. The string is the final
+//   state (8 bytes, little-endian) followed by the emitted words in decoding order, each
+//   little-endian.
+//
+// Why our own coder rather than CompressAI's: CompressAI's decoder reads past the end of its
+// string on corrupt input (an escape chain's length is driven by the data), and its Python
+// API converts every symbol, index and table row to and from Python lists on every call.
+// This one is bounds-checked, takes arrays, and is byte-for-byte the same format (tests
+// compare it with compressai.ans both ways).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace rans {
+
+constexpr int kPrecision = 16;               // CDF precision, bits
+constexpr uint32_t kTotal = 1u << kPrecision;  // c[n-1]
+constexpr int kBypassBits = 4;
+constexpr uint32_t kBypassMax = (1u << kBypassBits) - 1;
+constexpr uint64_t kLower = 1ull << 31;      // L: the state's lower bound
+constexpr uint64_t kUpper = 1ull << 63;      // the state's upper bound (exclusive)
+// An escape's raw value comes from a 32-bit integer, so it never needs more than 8 chunks;
+// more means the string is corrupt (and an unbounded count is how forged strings make
+// CompressAI's decoder run away).
+constexpr uint32_t kMaxBypassChunks = 32 / kBypassBits;
+
+// The string cannot be what an encoder wrote.
+struct StreamError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// A caller's mistake (bad table, index or symbol).
+struct ArgumentError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+// Quantized CDF tables, validated once: rows flattened into one array, and for each row a
+// 256-bucket lookup from the top 8 bits of a 16-bit slot to the first symbol that can own it,
+// so that decoding finds a symbol in a few steps whatever the row's length (CompressAI scans
+// rows linearly; the Gaussian rows run to 3133 entries).
+class Tables {
+public:
+    static constexpr int kLookupBits = 8;
+    static constexpr int kLookupShift = kPrecision - kLookupBits;
+
+    // cdf: rows x width int32, row r's first lengths[r] entries are its CDF.
+    Tables(const int32_t* cdf, size_t rows, size_t width, const int32_t* lengths, const int32_t* offsets) {
+        if (rows == 0 || rows > (1u << 16))
+            throw ArgumentError("CDF tables: need 1..65536 rows");
+        begin_.resize(rows);
+        length_.resize(rows);
+        offset_.assign(offsets, offsets + rows);
+        lookup_.resize(rows << kLookupBits);
+        for (size_t r = 0; r < rows; ++r) {
+            const int64_t n = lengths[r];
+            if (n < 3 || static_cast<size_t>(n) > width || n > int64_t(kTotal) + 1)
+                throw ArgumentError("CDF tables: row " + std::to_string(r) + " has a bad length");
+            const int32_t* row = cdf + r * width;
+            if (row[0] != 0 || row[n - 1] != int32_t(kTotal))
+                throw ArgumentError("CDF tables: row " + std::to_string(r) + " does not run from 0 to 2**16");
+            for (int64_t i = 1; i < n; ++i)
+                if (row[i] <= row[i - 1])
+                    throw ArgumentError("CDF tables: row " + std::to_string(r) + " is not strictly increasing");
+            begin_[r] = static_cast<uint32_t>(cdf_.size());
+            length_[r] = static_cast<uint32_t>(n);
+            cdf_.insert(cdf_.end(), row, row + n);
+            uint16_t* lut = &lookup_[r << kLookupBits];
+            uint32_t s = 0;
+            for (uint32_t b = 0; b < (1u << kLookupBits); ++b) {
+                const int32_t slot = int32_t(b << kLookupShift);
+                while (row[s + 1] <= slot) ++s;
+                lut[b] = static_cast<uint16_t>(s);
+            }
+        }
+    }
+
+    size_t rows() const { return length_.size(); }
+
+private:
+    friend class Decoder;
+    template <class I>
+    friend std::vector<uint8_t> encode(const int32_t*, const I*, size_t, const Tables&);
+
+    std::vector<int32_t> cdf_;
+    std::vector<uint32_t> begin_, length_;
+    std::vector<int32_t> offset_;
+    std::vector<uint16_t> lookup_;
+};
+
+namespace detail {
+
+inline void put_le32(uint8_t* p, uint32_t v) {
+    p[0] = uint8_t(v);
+    p[1] = uint8_t(v >> 8);
+    p[2] = uint8_t(v >> 16);
+    p[3] = uint8_t(v >> 24);
+}
+
+inline uint32_t get_le32(const uint8_t* p) {
+    return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+}
+
+// One coding step of the encoder, in the order the decoder meets them reversed.
+struct Step {
+    uint32_t start;  // CDF start, or the chunk's value for a bypass step
+    uint32_t freq;   // 0 marks a bypass step
+};
+
+class Writer {
+public:
+    // Steps are pushed in decoding order, per symbol, and coded last symbol first.
+    void put(uint32_t start, uint32_t freq) {
+        // emit a word if x would leave [L, 2^63); x_max = ((L >> precision) << 32) * freq
+        if (x_ >= (uint64_t(freq) << (31 - kPrecision + 32))) emit();
+        x_ = ((x_ / freq) << kPrecision) + (x_ % freq) + start;
+    }
+    void put_bits(uint32_t chunk) {
+        if (x_ >= (kUpper >> kBypassBits)) emit();
+        x_ = (x_ << kBypassBits) | chunk;
+    }
+    std::vector<uint8_t> finish() const {
+        std::vector<uint8_t> out(8 + 4 * words_.size());
+        put_le32(&out[0], uint32_t(x_));
+        put_le32(&out[4], uint32_t(x_ >> 32));
+        uint8_t* p = &out[8];
+        for (size_t i = words_.size(); i-- > 0; p += 4) put_le32(p, words_[i]);
+        return out;
+    }
+    void reserve(size_t n) { words_.reserve(n); }
+
+private:
+    void emit() {
+        words_.push_back(uint32_t(x_));
+        x_ >>= 32;
+    }
+    uint64_t x_ = kLower;
+    std::vector<uint32_t> words_;
+};
+
+}  // namespace detail
+
+// symbols[i] coded with table indexes[i]; returns the string. Throws ArgumentError for an
+// index outside the tables or a symbol whose escape value does not fit 32 bits.
+template <class I>
+std::vector<uint8_t> encode(const int32_t* symbols, const I* indexes, size_t n, const Tables& t) {
+    detail::Writer w;
+    w.reserve(n / 2 + 16);
+    // steps of one symbol in decoding order: main, up to 1 + 8/15 count chunks, 8 raw chunks
+    detail::Step steps[2 + kMaxBypassChunks + kMaxBypassChunks];
+    for (size_t i = n; i-- > 0;) {
+        const int64_t index = int64_t(indexes[i]);
+        if (index < 0 || uint64_t(index) >= t.rows())
+            throw ArgumentError("CDF index " + std::to_string(index) + " is outside the tables");
+        const int32_t* c = &t.cdf_[t.begin_[index]];
+        const int64_t max_value = int64_t(t.length_[index]) - 2;
+        int64_t value = int64_t(symbols[i]) - t.offset_[index];
+        uint64_t raw = 0;
+        bool escape = false;
+        if (value < 0) {
+            raw = uint64_t(-2 * value - 1);
+            escape = true;
+        } else if (value >= max_value) {
+            raw = uint64_t(2 * (value - max_value));
+            escape = true;
+        }
+        if (!escape) {
+            w.put(uint32_t(c[value]), uint32_t(c[value + 1] - c[value]));
+            continue;
+        }
+        if (raw >> 32)
+            throw ArgumentError("symbol " + std::to_string(symbols[i]) + " is too far outside its table to code");
+        size_t k = 0;
+        steps[k++] = {uint32_t(c[max_value]), uint32_t(c[max_value + 1] - c[max_value])};
+        uint32_t chunks = 0;
+        while (chunks < kMaxBypassChunks && (raw >> (chunks * kBypassBits)) != 0) ++chunks;
+        uint32_t count = chunks;
+        while (count >= kBypassMax) {
+            steps[k++] = {kBypassMax, 0};
+            count -= kBypassMax;
+        }
+        steps[k++] = {count, 0};
+        for (uint32_t j = 0; j < chunks; ++j) steps[k++] = {uint32_t(raw >> (j * kBypassBits)) & kBypassMax, 0};
+        while (k-- > 0) {
+            if (steps[k].freq) w.put(steps[k].start, steps[k].freq);
+            else w.put_bits(steps[k].start);
+        }
+    }
+    return w.finish();
+}
+
+// Decodes one string round by round. Every read is checked against the string's end, so any
+// bytes give symbols or a StreamError, in time linear in (string length + symbols).
+class Decoder {
+public:
+    // max_abs: a decoded |symbol| above it raises StreamError (the caller's plausibility bound).
+    Decoder(const uint8_t* data, size_t size, int64_t max_abs) : data_(data, data + size), max_abs_(max_abs) {
+        if (size < 8 || size % 4)
+            throw StreamError("entropy-coded string of " + std::to_string(size) +
+                              " bytes: not a whole number of 32-bit words");
+        x_ = uint64_t(detail::get_le32(&data_[0])) | uint64_t(detail::get_le32(&data_[4])) << 32;
+        if (x_ < kLower || x_ >= kUpper)
+            throw StreamError("entropy-coded string does not start with a valid coder state");
+        pos_ = 8;
+    }
+
+    // Decodes indexes.size() symbols into out. Throws ArgumentError for an index outside the
+    // tables, StreamError for a corrupt string; the decoder is then unusable.
+    template <class I>
+    void decode(const I* indexes, size_t n, const Tables& t, int32_t* out) {
+        // Callers release the GIL: two threads in one decoder take turns instead of racing on
+        // its position.
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (failed_) throw StreamError("the decoder stopped at an error in an earlier round");
+        failed_ = true;  // until this round succeeds
+        const size_t rows = t.rows();
+        for (size_t i = 0; i < n; ++i) {
+            const int64_t index = int64_t(indexes[i]);
+            if (index < 0 || uint64_t(index) >= rows)
+                throw ArgumentError("CDF index " + std::to_string(index) + " is outside the tables");
+            const int32_t* c = &t.cdf_[t.begin_[index]];
+            const uint32_t max_value = t.length_[index] - 2;
+            const uint32_t slot = uint32_t(x_) & (kTotal - 1);
+            uint32_t s = t.lookup_[(size_t(index) << Tables::kLookupBits) + (slot >> Tables::kLookupShift)];
+            while (uint32_t(c[s + 1]) <= slot) ++s;  // ends: c[max_value + 1] = 2^16 > slot
+            const uint32_t start = uint32_t(c[s]), freq = uint32_t(c[s + 1]) - start;
+            x_ = freq * (x_ >> kPrecision) + slot - start;
+            if (x_ < kLower) refill();
+            int64_t value = s;
+            if (s == max_value) value = escape(max_value);
+            value += t.offset_[index];
+            if (value > max_abs_ || value < -max_abs_)
+                throw StreamError("entropy-coded string is corrupt (decoded an impossible value)");
+            out[i] = int32_t(value);
+        }
+        failed_ = false;
+    }
+
+    size_t bytes_read() const { return pos_; }
+    size_t size() const { return data_.size(); }
+
+private:
+    void refill() {
+        if (pos_ + 4 > data_.size()) throw StreamError("entropy-coded string is truncated or corrupt");
+        x_ = (x_ << 32) | detail::get_le32(&data_[pos_]);
+        pos_ += 4;
+    }
+
+    uint32_t bits() {
+        const uint32_t chunk = uint32_t(x_) & kBypassMax;
+        x_ >>= kBypassBits;
+        if (x_ < kLower) refill();
+        return chunk;
+    }
+
+    int64_t escape(uint32_t max_value) {
+        uint32_t chunk = bits(), chunks = chunk;
+        while (chunk == kBypassMax) {
+            chunk = bits();
+            chunks += chunk;
+            if (chunks > kMaxBypassChunks) break;
+        }
+        if (chunks > kMaxBypassChunks)
+            throw StreamError("entropy-coded string is corrupt (an escape code longer than 32 bits)");
+        uint64_t raw = 0;
+        for (uint32_t j = 0; j < chunks; ++j) raw |= uint64_t(bits()) << (j * kBypassBits);
+        const int64_t half = int64_t(raw >> 1);
+        return (raw & 1) ? -half - 1 : half + max_value;
+    }
+
+    std::vector<uint8_t> data_;
+    size_t pos_ = 0;
+    uint64_t x_ = 0;
+    int64_t max_abs_;
+    bool failed_ = false;
+    std::mutex mutex_;
+};
+
+}  // namespace rans
