@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test typecheck bench clean
+.PHONY: install demo test typecheck bench clean gpu-kit gpu-rehearsal
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: install
 
 typecheck: install
 	$(BIN)/python -m mypy
+
+# What the lent GPU machine lacks (wheels, the original implementation, golden checkpoints), in
+# the git-ignored .gpu-kit/; prints the size of what travels. ORIGINAL: a checkout, bare git
+# directory or URL of cheesejiang/OSDiff (default: cloned from GitHub).
+gpu-kit:
+	$(PYTHON) benchmarks/gpu_kit.py $(if $(ORIGINAL),--original $(ORIGINAL))
+
+# The GPU check rehearsed on the CPU (demo config, small size): what CI runs in tests/test_gpu_check.py.
+gpu-rehearsal: install
+	OSDIFF_GPU_CHECK_DEVICE=cpu PYTHON=$(BIN)/python benchmarks/gpu_check.sh out/gpu-rehearsal
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,7 +26,6 @@ import json
 import sys
 import tempfile
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -327,9 +326,41 @@ class OriginalCodec:
         return preds[0][: image.shape[0], : image.shape[1]]
 
 
-def run_denoiser(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The original's one UNet + control evaluation at t = 999 (its apply_model): eps of (x_T, hint, context)."""
-    def eps(x_T: torch.Tensor, hint: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        t = torch.full((x_T.shape[0],), 999, dtype=torch.long, device=x_T.device)
-        return model.apply_model(x_T, t, {"c_crossattn": [context], "c_latent": [hint]})
-    return eps
+def check_golden(checkout: str | Path, golden_dir: str | Path) -> list[str]:
+    """Problems found when the original, imported this way, is run on a golden set it made
+    (../shared/reference/tiny): it must write the golden stream byte for byte and decode it to
+    the golden control hint. An empty list: the baseline machinery runs the original faithfully."""
+    from safetensors.torch import load_file
+
+    from osdiff.files import read_image
+
+    golden_dir = Path(golden_dir)
+    cfg = ModelConfig.from_json(golden_dir / "config.json")
+    sd = torch.load(golden_dir / "sd21_tiny.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    sd.update(torch.load(golden_dir / "osdiff_tiny.ckpt", map_location="cpu", weights_only=True)["state_dict"])
+    codec = OriginalCodec(checkout, build(checkout, cfg, "cpu", state_dict=sd))
+    image = read_image(golden_dir / "input.png")
+    problems = []
+    data = codec.compress(image)
+    if data != (golden_dir / "stream.bin").read_bytes():
+        problems.append("its stream differs from the golden stream.bin")
+    Path(codec.stream_path).write_bytes((golden_dir / "stream.bin").read_bytes())
+    with torch.no_grad():
+        c_latent = codec.model.apply_condition_decompress(codec.stream_path)
+    ref = load_file(str(golden_dir / "golden.safetensors"))["c_latent"]
+    err = float((c_latent - ref).abs().max() / ref.abs().max())
+    if not err < 1e-5:
+        problems.append(f"its decoded control hint is {err:.2e} (relative) off the golden c_latent")
+    out = codec.decompress(data, image.shape[:2])
+    if out.shape != image.shape or out.dtype != np.uint8:
+        problems.append(f"it decoded a {out.dtype} {out.shape} image")
+    return problems
+
+
+if __name__ == "__main__":
+    # python benchmarks/original.py CHECKOUT GOLDEN_DIR: check the baseline machinery on a golden set
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python benchmarks/original.py CHECKOUT ../shared/reference/tiny")
+    found = check_golden(sys.argv[1], sys.argv[2])
+    print("\n".join(found) if found else f"the original at {sys.argv[1]} reproduces the golden set {sys.argv[2]}")
+    raise SystemExit(1 if found else 0)

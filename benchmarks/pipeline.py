@@ -165,6 +165,13 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
     demo = Path(__file__).resolve().parents[1] / "osdiff" / "assets" / "demo.png"
     image = np.asarray(Image.fromarray(read_image(demo)).resize((width, height), Image.BICUBIC))
 
+    if onnx_dir is None:  # before the original is imported: its stand-ins must not meet the exporter
+        from osdiff.export.onnx_export import export_onnx
+
+        onnx_dir = tempfile.mkdtemp(prefix="osdiff-bench-")
+        print(f"exporting to {onnx_dir} ...", file=sys.stderr)
+        export_onnx(model, onnx_dir, fp16=False)
+
     codecs: dict[str, Any] = {}
     if checkout:
         import original
@@ -180,12 +187,6 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
         codecs["torch cuda fp32"] = Codec(TorchBackend(load(), device="cuda"))
         codecs["torch cuda fp16 + graphs"] = Codec(TorchBackend(load(), device="cuda", half=True, channels_last=True,
                                                                 cuda_graphs=True))
-    if onnx_dir is None:
-        from osdiff.export.onnx_export import export_onnx
-
-        onnx_dir = tempfile.mkdtemp(prefix="osdiff-bench-")
-        print(f"exporting to {onnx_dir} ...", file=sys.stderr)
-        export_onnx(model, onnx_dir, fp16=False)
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     codecs["onnxruntime cpu fp32"] = Codec(OnnxRuntimeBackend(onnx_dir))
