@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -238,68 +239,94 @@ def step_ours(plan: Plan, work: Path, deadline: float) -> None:
     image = test_image(plan)
 
     # ours fp32 eager; its stream and image are the reference for the fp16 PSNR
-    name = "ours fp32 eager"
-    out.variant({"name": name, "status": "running"})
     fp32 = Codec(TorchBackend(model, device))
-    result, streams = measure(fp32, [image], plan)
-    out.variant({"name": name, **result})
-    fp32_image = fp32.decompress(streams[0])
+    measured(out, "ours fp32 eager", lambda: measure(fp32, [image], plan)[0], must=True)
+    stream = fp32.compress(image)
+    fp32_image = fp32.decompress(stream)
     (work / "ours_reference_stream.bin").write_bytes(fp32.compress_reference(image))
+    fastest: tuple[Any, str] = (fp32, "ours fp32 eager")
 
     if original_checkout() is None:
-        name = "reference-style (re-created, fp32 eager)"
-        out.variant({"name": name, "status": "running"})
-        result, _ = measure(ReferenceStyleCodec(TorchBackend(model, device)), [image], plan)
-        out.variant({"name": name, **result, "note": "no checkout of the original implementation: our stages with "
-                     "the reference's entropy loop (benchmarks/pipeline.py), not the original's code"})
+        note = "no checkout of the original implementation: our stages with the reference's entropy loop " \
+               "(benchmarks/pipeline.py), not the original's code"
+        measured(out, "reference-style (re-created, fp32 eager)",
+                 lambda: {**measure(ReferenceStyleCodec(TorchBackend(model, device)), [image], plan)[0], "note": note})
 
-    out.set("cross_device", {"status": "running"})
-    out.set("cross_device", cross_device(model, fp32, plan, left))
+    attempt(out, "cross_device", lambda: cross_device(model, fp32, plan, left))
 
+    names = ("ours fp16 + channels_last", "ours fp16 + channels_last + CUDA graphs",
+             "ours fp16 + channels_last + CUDA graphs + torch.compile")
     if not cuda:
-        for name in ("ours fp16 + channels_last", "ours fp16 + channels_last + CUDA graphs",
-                     "ours fp16 + channels_last + CUDA graphs + torch.compile"):
+        for name in names:
             out.variant(skipped(name, no_cuda))
         out.set("fp16_psnr", {"status": "skipped", "reason": no_cuda})
-        fastest = (fp32, "ours fp32 eager")
     else:
-        del fp32
-        name = "ours fp16 + channels_last"
-        out.variant({"name": name, "status": "running"})
-        result, _ = measure(Codec(TorchBackend(model, device, half=True, channels_last=True)), [image], plan)
-        out.variant({"name": name, **result})
-
-        name = "ours fp16 + channels_last + CUDA graphs"
-        out.variant({"name": name, "status": "running"})
+        del fp32, fastest
+        fp16 = Codec(TorchBackend(model, device, half=True, channels_last=True))
+        measured(out, names[0], lambda: measure(fp16, [image], plan)[0])
+        fastest = (fp16, names[0])
         graphs = Codec(TorchBackend(model, device, half=True, channels_last=True, cuda_graphs=True))
-        result, _ = measure(graphs, [image], plan)
-        out.variant({"name": name, **result})
-        fastest = (graphs, name)
+        if measured(out, names[1], lambda: measure(graphs, [image], plan)[0]):
+            fastest = (graphs, names[1])
 
-        fp16_image = graphs.decompress(streams[0])
-        out.set("fp16_psnr", {"status": "measured", "variant": name, "db": psnr(fp16_image, fp32_image),
-                              "repeat_identical": bool(np.array_equal(fp16_image, graphs.decompress(streams[0])))})
+        def fp16_psnr() -> dict[str, Any]:
+            codec, name = fastest
+            fp16_image = codec.decompress(stream)
+            return {"status": "measured", "variant": name, "db": psnr(fp16_image, fp32_image),
+                    "repeat_identical": bool(np.array_equal(fp16_image, codec.decompress(stream)))}
 
-    out.set("throughput", {"status": "running", "variant": fastest[1]})
-    images = [test_image(plan, i) for i in range(plan.batch)]
-    t = measure(fastest[0], images, Plan(**{**asdict(plan), "runs": max(3, plan.runs // 2), "warmup": 2}))[0]
-    out.set("throughput", {"status": "measured", "variant": fastest[1], "batch": plan.batch,
-                           "images_per_s": plan.batch / t["decode_ms"] * 1e3, "decode_ms_per_batch": t["decode_ms"],
-                           "encode_images_per_s": plan.batch / t["encode_ms"] * 1e3, "peak_mem_mb": t["peak_mem_mb"]})
+        attempt(out, "fp16_psnr", fp16_psnr)
 
-    name = "ours fp16 + channels_last + CUDA graphs + torch.compile"
+    def throughput() -> dict[str, Any]:
+        codec, name = fastest
+        images = [test_image(plan, i) for i in range(plan.batch)]
+        t = measure(codec, images, Plan(**{**asdict(plan), "runs": max(3, plan.runs // 2), "warmup": 2}))[0]
+        return {"status": "measured", "variant": name, "batch": plan.batch,
+                "images_per_s": plan.batch / t["decode_ms"] * 1e3, "decode_ms_per_batch": t["decode_ms"],
+                "encode_images_per_s": plan.batch / t["encode_ms"] * 1e3, "peak_mem_mb": t["peak_mem_mb"]}
+
+    attempt(out, "throughput", throughput, variant=fastest[1])
+
     if cuda:
         if left() < 60:
-            out.variant(skipped(name, f"time share used up ({left():.0f} s left, compiling needs more)"))
+            out.variant(skipped(names[2], f"time share used up ({left():.0f} s left, compiling needs more)"))
             return
-        out.variant({"name": name, "status": "running (compiling)", "compile_mode": plan.compile_mode})
-        compiled = Codec(TorchBackend(model, device, half=True, channels_last=True, cuda_graphs=True, compile=True,
-                                      compile_mode=plan.compile_mode))
-        t0 = time.time()
-        compiled.decompress(compiled.compress(image))  # compiles every heavy stage once
-        compile_s = time.time() - t0
-        result, _ = measure(compiled, [image], plan)
-        out.variant({"name": name, **result, "compile_s": compile_s, "compile_mode": plan.compile_mode})
+
+        def compiled() -> dict[str, Any]:
+            codec = Codec(TorchBackend(model, device, half=True, channels_last=True, cuda_graphs=True, compile=True,
+                                       compile_mode=plan.compile_mode))
+            t0 = time.time()
+            codec.decompress(codec.compress(image))  # compiles every heavy stage once
+            compile_s = time.time() - t0
+            return {**measure(codec, [image], plan)[0], "compile_s": compile_s, "compile_mode": plan.compile_mode}
+
+        out.variant({"name": names[2], "status": "running (compiling)", "compile_mode": plan.compile_mode})
+        measured(out, names[2], compiled, status="running (compiling)")
+
+
+def measured(out: Partial, name: str, fn: Any, must: bool = False, status: str = "running") -> bool:
+    """One variant: marked running, then its results, or why it failed (one variant failing
+    must not cost the others; `must`: the step cannot go on without it)."""
+    out.variant({"name": name, "status": status})
+    try:
+        out.variant({"name": name, **fn()})
+        return True
+    except Exception as e:
+        if must:
+            raise
+        traceback.print_exc()
+        out.variant({**skipped(name, f"{type(e).__name__}: {e}"[:1000]), "status": "failed"})
+        return False
+
+
+def attempt(out: Partial, key: str, fn: Any, **running: Any) -> None:
+    """One non-variant result (cross_device, fp16_psnr, throughput), likewise."""
+    out.set(key, {"status": "running", **running})
+    try:
+        out.set(key, fn())
+    except Exception as e:
+        traceback.print_exc()
+        out.set(key, {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:1000], **running})
 
 
 def cross_device(model: OSDiffModel, codec: Codec, plan: Plan, left: Any) -> dict[str, Any]:
