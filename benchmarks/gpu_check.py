@@ -551,11 +551,11 @@ def write(outdir: Path, result: dict[str, Any]) -> None:
     tmp = outdir / "gpu_check.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
     tmp.replace(outdir / "gpu_check.json")
-    measured = [v for v in result["variants"] if v.get("status") == "measured"]
-    if measured:
-        dec = chart({v["name"]: v["stages"] for v in measured},
+    done = [v for v in result["variants"] if v.get("status") == "measured"]
+    if done:
+        dec = chart({v["name"]: v["stages"] for v in done},
                     f"decode, {result['device']['name']}: median ms per stage (batch 1; lower is better)")
-        enc = chart({v["name"]: v["encode_stages"] for v in measured}, "encode: median ms per stage")
+        enc = chart({v["name"]: v["encode_stages"] for v in done}, "encode: median ms per stage")
         im = Image.new("RGB", (max(dec.width, enc.width), dec.height + enc.height), "white")
         im.paste(dec, (0, 0))
         im.paste(enc, (0, dec.height))
