@@ -11,7 +11,7 @@ BUILD_REQUIRES := "scikit-build-core>=0.10" "nanobind>=2.0"
 NATIVE_SOURCES := CMakeLists.txt $(wildcard runtime/native/*)
 SANITIZE_BUILD := build/sanitize
 
-.PHONY: install demo test typecheck bench fuzz sanitize clean
+.PHONY: install demo test typecheck bench fuzz sanitize clean gpu-kit gpu-rehearsal
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,16 @@ sanitize: install
 	$(BIN)/python -c "from osdiff.runtime.coder import native; assert native().sanitized; print('sanitized coder:', native().__file__)" && \
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_coder.py tests/test_entropy.py && \
 	$(BIN)/python tests/fuzz_streams.py --cases 20000
+
+# What the lent GPU machine lacks (wheels, the original implementation, golden checkpoints), in
+# the git-ignored .gpu-kit/; prints the size of what travels. ORIGINAL: a checkout, bare git
+# directory or URL of cheesejiang/OSDiff (default: cloned from GitHub).
+gpu-kit:
+	$(PYTHON) benchmarks/gpu_kit.py $(if $(ORIGINAL),--original $(ORIGINAL))
+
+# The GPU check rehearsed on the CPU (demo config, small size): what CI runs in tests/test_gpu_check.py.
+gpu-rehearsal: install
+	OSDIFF_GPU_CHECK_DEVICE=cpu PYTHON=$(BIN)/python benchmarks/gpu_check.sh out/gpu-rehearsal
 
 clean:
 	rm -rf $(VENV) build *.egg-info

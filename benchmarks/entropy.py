@@ -128,6 +128,8 @@ class NaiveGaussian:
                 self.offset.reshape(-1).int().tolist())
 
     def build_indexes(self, scales: Tensor) -> Tensor:
+        if self.scale_bound.device != scales.device:  # a buffer of the reference's module: on its device
+            self.scale_bound = self.scale_bound.to(scales.device)
         scales = torch.max(scales, self.scale_bound)
         indexes = scales.new_full(scales.size(), len(self.scale_table) - 1).int()
         for s in self.scale_table[:-1]:

@@ -2,13 +2,18 @@
 
 Every backend encodes and decodes the same image with the same model; each is timed end to end
 (pixels to bytes, bytes to pixels, synchronized) and per stage by runtime/profiler.py. The
-baseline every speedup is measured against is the reference-style path: fp32 eager PyTorch
-with the reference implementation's entropy loop (padded CDF lists, 63-pass index building,
-per-round list conversions; see benchmarks/entropy.py).
+baseline every speedup is measured against is, with --original, the ORIGINAL implementation
+itself, imported at run time from that checkout with our weights (benchmarks/original.py);
+without it, the re-created reference-style path: our stages in fp32 eager PyTorch with the
+reference implementation's entropy loop (padded CDF lists, 63-pass index building, per-round
+list conversions; see benchmarks/entropy.py), labelled as such.
 
     python benchmarks/pipeline.py                                  # full size, 512x768, CPU backends
     python benchmarks/pipeline.py --config demo --size 256x384     # quick look on a CPU
+    python benchmarks/pipeline.py --original .gpu-kit/OSDiff       # against the original code itself
     python benchmarks/pipeline.py --onnx DIR --engines DIR         # add exported / built models
+
+On a GPU machine use benchmarks/gpu_check.sh, which times every CUDA variant.
 
 Prints a table with ratios to the baseline, writes JSON (--json) and a PNG bar chart of the
 per-stage breakdown (--chart). Random weights unless --sd/--osdiff are given.
@@ -21,6 +26,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -103,20 +109,22 @@ def stages(p: Profile, which: str) -> dict[str, float]:
 
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (57, 59, 121), (99, 121, 57)]
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (57, 59, 121), (99, 121, 57),
+          (140, 109, 49), (132, 60, 57), (123, 65, 115), (0, 0, 0)]
 
 
-def chart(results: dict[str, Profile], which: str, path: Path) -> None:
-    """Horizontal stacked bars, one per backend, segments per stage (Pillow: no plotting dependency)."""
-    per = {name: stages(p, which) for name, p in results.items()}
+def chart(per: dict[str, dict[str, float]], title: str) -> Image.Image:
+    """Horizontal stacked bars, one per row name, segments per stage in ms (Pillow: no plotting
+    dependency)."""
+    per = {name: s for name, s in per.items() if s}
     keys = list(dict.fromkeys(k for s in per.values() for k in s))
     color = {k: COLORS[i % len(COLORS)] for i, k in enumerate(keys)}
-    longest = max(sum(s.values()) for s in per.values())
-    w, left, bar_h, gap = 1100, 190, 34, 18
+    longest = max([sum(s.values()) for s in per.values()] + [1e-9])
+    w, left, bar_h, gap = 1100, 260, 34, 18
     h = 70 + len(per) * (bar_h + gap) + 24 * ((len(keys) + 3) // 4) + 20
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
-    d.text((10, 10), f"{which}: median ms per stage (one image; lower is better)", fill="black")
+    d.text((10, 10), title, fill="black")
     scale = (w - left - 80) / longest
     y = 40
     for name, s in per.items():
@@ -125,13 +133,13 @@ def chart(results: dict[str, Profile], which: str, path: Path) -> None:
         for k, ms in s.items():
             d.rectangle([x, y, x + max(1, ms * scale), y + bar_h], fill=color[k])
             x += ms * scale
-        d.text((x + 6, y + 10), f"{sum(s.values()):.0f} ms", fill="black")
+        d.text((x + 6, y + 10), f"{sum(s.values()):.1f} ms", fill="black")
         y += bar_h + gap
     for i, k in enumerate(keys):
         lx, ly = 10 + (i % 4) * 270, y + 24 * (i // 4)
         d.rectangle([lx, ly, lx + 14, ly + 14], fill=color[k])
         d.text((lx + 20, ly + 2), k, fill="black")
-    im.save(path)
+    return im
 
 
 @click.command()
@@ -143,28 +151,42 @@ def chart(results: dict[str, Profile], which: str, path: Path) -> None:
 @click.option("--runs", default=3, show_default=True)
 @click.option("--onnx", "onnx_dir", default=None, help="An `osdiff export` directory (else exported to a temp dir).")
 @click.option("--engines", default=None, help="An `osdiff build` directory: adds the TensorRT backend.")
+@click.option("--original", "checkout", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A checkout of cheesejiang/OSDiff: the baseline is then the original implementation (on the CPU).")
 @click.option("--json", "json_path", default=None, help="Default: benchmarks/results/pipeline_<device>_<config>.json")
 @click.option("--chart", "chart_path", default=None, help="Default: the JSON path with .png")
 def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup: int, runs: int,
-         onnx_dir: str | None, engines: str | None, json_path: str | None, chart_path: str | None) -> None:
+         onnx_dir: str | None, engines: str | None, checkout: str | None, json_path: str | None,
+         chart_path: str | None) -> None:
     height, width = (int(v) for v in size.lower().split("x"))
     cfg = ModelConfig.named(config)
-    model = OSDiffModel.load(sd, osdiff_ckpt, cfg) if (sd or osdiff_ckpt) else OSDiffModel.random(cfg, 0)
+    load = lambda: OSDiffModel.load(sd, osdiff_ckpt, cfg) if (sd or osdiff_ckpt) else OSDiffModel.random(cfg, 0)  # noqa: E731
+    model = load()
     demo = Path(__file__).resolve().parents[1] / "osdiff" / "assets" / "demo.png"
     image = np.asarray(Image.fromarray(read_image(demo)).resize((width, height), Image.BICUBIC))
 
-    codecs: dict[str, Codec] = {"reference-style (fp32 eager)": ReferenceStyleCodec(TorchBackend(model)),
-                                "torch fp32": Codec(TorchBackend(model))}
-    cuda = torch.cuda.is_available()
-    if cuda:
-        codecs["torch cuda fp32"] = Codec(TorchBackend(model, device="cuda"))
-        codecs["torch cuda fp16 + graphs"] = Codec(TorchBackend(model, device="cuda", half=True, channels_last=True, cuda_graphs=True))
-    if onnx_dir is None:
+    if onnx_dir is None:  # before the original is imported: its stand-ins must not meet the exporter
         from osdiff.export.onnx_export import export_onnx
 
         onnx_dir = tempfile.mkdtemp(prefix="osdiff-bench-")
         print(f"exporting to {onnx_dir} ...", file=sys.stderr)
         export_onnx(model, onnx_dir, fp16=False)
+
+    codecs: dict[str, Any] = {}
+    if checkout:
+        import original
+
+        baseline = "original (fp32 eager, its inference.py)"
+        codecs[baseline] = original.OriginalCodec(checkout, original.build(checkout, cfg, "cpu", weights=model))
+    else:
+        baseline = "reference-style (re-created, fp32 eager)"
+        codecs[baseline] = ReferenceStyleCodec(TorchBackend(model))
+    codecs["torch fp32"] = Codec(TorchBackend(model))
+    cuda = torch.cuda.is_available()
+    if cuda:  # a backend moves and casts its model in place: each device and precision gets its own
+        codecs["torch cuda fp32"] = Codec(TorchBackend(load(), device="cuda"))
+        codecs["torch cuda fp16 + graphs"] = Codec(TorchBackend(load(), device="cuda", half=True, channels_last=True,
+                                                                cuda_graphs=True))
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     codecs["onnxruntime cpu fp32"] = Codec(OnnxRuntimeBackend(onnx_dir))
@@ -179,17 +201,17 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
         print(f"{name} ...", file=sys.stderr)
         results[name] = profile(codec, [image], warmup=warmup, runs=runs, backend_name=name)
         streams[name] = codec.compress(image)
-    reference = strings(streams["reference-style (fp32 eager)"])
-    base = results["reference-style (fp32 eager)"]
+    reference = strings(streams[baseline])
+    base = results[baseline]
 
     device = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
     lines = [f"{cfg.name} model, {height}x{width}, {runs} runs after {warmup} warm-up; {device}",
-             f"{'backend':<30}{'encode ms':>11}{'decode ms':>11}{'encode x':>10}{'decode x':>10}  same y/z strings as baseline"]
+             f"{'backend':<42}{'encode ms':>11}{'decode ms':>11}{'encode x':>10}{'decode x':>10}  same y/z strings as baseline"]
     for name, p in results.items():
-        lines.append(f"{name:<30}{p.encode.median:>11.1f}{p.decode.median:>11.1f}"
+        lines.append(f"{name:<42}{p.encode.median:>11.1f}{p.decode.median:>11.1f}"
                      f"{base.encode.median / p.encode.median:>10.2f}{base.decode.median / p.decode.median:>10.2f}"
                      f"  {strings(streams[name]) == reference}")
-    lines.append("x: speedup over the reference-style baseline measured in this run (median end to end, synchronized)")
+    lines.append(f"x: speedup over the baseline, {baseline}, measured in this run (median end to end, synchronized)")
     print("\n".join(lines))
     for name, p in results.items():
         print(f"\n{name}, decode stages (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in stages(p, "decode").items()))
@@ -201,11 +223,13 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
         "command": " ".join(sys.argv), "device": device, "torch": torch.__version__, "config": cfg.name,
         "height": height, "width": width, "runs": runs,
         "results": {name: p.to_json() for name, p in results.items()},
-        "speedup_over_reference": {name: {"encode": base.encode.median / p.encode.median,
-                                          "decode": base.decode.median / p.decode.median} for name, p in results.items()},
+        "baseline": baseline,
+        "speedup_over_baseline": {name: {"encode": base.encode.median / p.encode.median,
+                                         "decode": base.decode.median / p.decode.median} for name, p in results.items()},
     }, indent=1))
     png = Path(chart_path) if chart_path else out.with_suffix(".png")
-    chart(results, "decode", png)
+    chart({name: stages(p, "decode") for name, p in results.items()},
+          "decode: median ms per stage (one image; lower is better)").save(png)
     print(f"\nwrote {out} and {png}")
 
 

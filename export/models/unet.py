@@ -187,7 +187,12 @@ class SpatialTransformer(nn.Module):
         h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # B x (H W) x C
         for block in self.transformer_blocks:
             h = block(h, context)
-        return self.proj_out(h).transpose(1, 2).reshape(x.shape) + x
+        # x first: a sum takes the memory format of its first operand, and the transposed
+        # projection is a channels_last view. With it first, channels_last leaked out of every
+        # transformer into the following convolutions, which then reordered their weights on
+        # every call (28 % of the stage on the CPU). x's format is kept: contiguous, or
+        # channels_last where the backend asks for it.
+        return x + self.proj_out(h).transpose(1, 2).reshape(x.shape)
 
 
 class Downsample(nn.Module):

@@ -2,18 +2,20 @@
 
 On CUDA the heavy stages (VAE, G_s, denoiser) can run in fp16 and channels_last, and every
 graph can be captured into a CUDA graph per input shape, which removes the launch gaps of
-its hundreds of small kernels (the entropy-parameter graphs run twenty times per image). The
-entropy-parameter graphs always stay fp32: a CDF index that differs from the encoder's loses
-the stream.
+its hundreds of small kernels (the twenty entropy-parameter graphs run once per round of every
+image). All captures share one memory pool: graphs run one at a time and their outputs are
+copied out at once, so the pool is as large as the largest graph, not the sum of all.
 
-Threads: the backend may be shared. Plain runs keep no state. A captured CUDA graph owns static
-input and output buffers, so capturing and replaying (copy in, replay, copy out) happen under one
-lock, on the backend's own stream, which the caller's stream then waits for.
+The entropy-model graphs (analysis, hyper synthesis, the entropy parameters) always run in
+true fp32, whatever the precision of the others: cuDNN's TF32 convolutions (PyTorch's default on
+Ampere and later) are off for them, and its algorithms deterministic. A CDF index that differs
+from the encoder's loses the stream; TF32 moves scales by ~1e-3 where fp32 moves them by ulps.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,12 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: OSDiffModel, device: str | torch.device = "cpu", half: bool = False,
-                 channels_last: bool = False, cuda_graphs: bool = False, compile: bool = False) -> None:
+                 channels_last: bool = False, cuda_graphs: bool = False, compile: bool = False,
+                 compile_mode: str = "max-autotune") -> None:
+        """compile: torch.compile the heavy stages with `compile_mode`. Modes that make CUDA
+        graphs of their own ("reduce-overhead", "max-autotune") replace ours for those stages;
+        with the others ("default", "max-autotune-no-cudagraphs") and cuda_graphs, ours
+        capture the compiled stages."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("no CUDA device here (torch.cuda.is_available() is False)")
@@ -52,6 +59,7 @@ class TorchBackend:
         self._module: dict[str, nn.Module] = {}
         self._compiled: set[str] = set()
         self._captured: dict[tuple, _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self._graph_lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.device) if cuda_graphs else None
         for module in model.stages.values():
@@ -64,27 +72,35 @@ class TorchBackend:
                 g.module.to(dtype=self._dtype[name], memory_format=self._layout[name])
             self._module[name] = g.module
             if compile and heavy:
-                # inductor's own CUDA graphs ("max-autotune") replace ours for these stages
-                self._module[name] = torch.compile(g.module, mode="max-autotune")
-                self._compiled.add(name)
+                self._module[name] = torch.compile(g.module, mode=compile_mode)
+                if compile_mode in ("reduce-overhead", "max-autotune"):
+                    self._compiled.add(name)  # inductor's own CUDA graphs, not ours
 
     @torch.inference_mode()
     def run(self, graph: str, *inputs: Tensor) -> tuple[Tensor, ...]:
         dtype, layout = self._dtype[graph], self._layout[graph]
         xs = [x.to(self.device, dtype).contiguous(memory_format=layout) for x in inputs]
-        if self.cuda_graphs and graph not in self._compiled:
-            assert self._stream is not None
-            caller = torch.cuda.current_stream(self.device)
-            with self._graph_lock:
-                self._stream.wait_stream(caller)  # the inputs were written on the caller's stream
-                with torch.cuda.stream(self._stream):
-                    out = self._replay(graph, xs)
-            caller.wait_stream(self._stream)
-            for o in out:  # made on the backend's stream, read on the caller's
-                o.record_stream(caller)
-        else:
-            out = self._forward(graph, xs)
+        with self._precision(graph):
+            if self.cuda_graphs and graph not in self._compiled:
+                assert self._stream is not None
+                caller = torch.cuda.current_stream(self.device)
+                with self._graph_lock:
+                    self._stream.wait_stream(caller)  # the inputs were written on the caller's stream
+                    with torch.cuda.stream(self._stream):
+                        out = self._replay(graph, xs)
+                caller.wait_stream(self._stream)
+                for o in out:  # made on the backend's stream, read on the caller's
+                    o.record_stream(caller)
+            else:
+                out = self._forward(graph, xs)
         return tuple(o.float() for o in out)
+
+    def _precision(self, graph: str) -> AbstractContextManager:
+        """True fp32 for the entropy-model graphs on CUDA (see the module's docstring). The flags
+        are read when kernels are chosen, so they also hold inside a captured graph."""
+        if self.device.type != "cuda" or graph in FP16_GRAPHS:
+            return nullcontext()
+        return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False)
 
     def _forward(self, graph: str, xs: list[Tensor]) -> tuple[Tensor, ...]:
         out = self._module[graph](*xs)
@@ -104,7 +120,7 @@ class TorchBackend:
                     self._forward(graph, static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, pool=self._pool):
                 outputs = self._forward(graph, static)
             cap = self._captured[key] = _Captured(g, static, outputs)
         for dst, src in zip(cap.inputs, xs):
