@@ -118,6 +118,13 @@ class GuidanceConfig:
     context_dim: int = 1024
     dmlp_channels: int = 1280
 
+    @property
+    def unet(self) -> UNetConfig:
+        """The discriminator's UNet encoder + middle block (f_d), as a UNet config."""
+        return UNetConfig(model_channels=self.model_channels, channel_mult=self.channel_mult,
+                          num_res_blocks=self.num_res_blocks, attention_resolutions=self.attention_resolutions,
+                          num_head_channels=self.num_head_channels, context_dim=self.context_dim)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -15,25 +15,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from osdiff.config import GuidanceConfig, UNetConfig
+from osdiff.config import GuidanceConfig
 from osdiff.export.models.unet import UNet
-
-
-def guidance_unet_config(cfg: GuidanceConfig) -> UNetConfig:
-    return UNetConfig(
-        model_channels=cfg.model_channels,
-        channel_mult=cfg.channel_mult,
-        num_res_blocks=cfg.num_res_blocks,
-        attention_resolutions=cfg.attention_resolutions,
-        num_head_channels=cfg.num_head_channels,
-        context_dim=cfg.context_dim,
-    )
 
 
 class GuidanceModel(nn.Module):
     def __init__(self, cfg: GuidanceConfig):
         super().__init__()
-        self.Discriminator = UNet(guidance_unet_config(cfg), decoder=False)
+        self.Discriminator = UNet(cfg.unet, decoder=False)
         c_in, c = cfg.model_channels * cfg.channel_mult[-1], cfg.dmlp_channels
         self.DMLP = nn.Sequential(
             nn.Conv2d(c_in, c, kernel_size=4, stride=2, padding=1),

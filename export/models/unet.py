@@ -436,14 +436,6 @@ class Denoiser(nn.Module):
 def discriminator_key_shapes(cfg: GuidanceConfig) -> dict[str, tuple[int, ...]]:
     """Keys (without "guidance_model.Discriminator.") and shapes of the training-only
     discriminator stored in OSDiff checkpoints: a UNet encoder + middle block."""
-    unet_cfg = UNetConfig(
-        model_channels=cfg.model_channels,
-        channel_mult=cfg.channel_mult,
-        num_res_blocks=cfg.num_res_blocks,
-        attention_resolutions=cfg.attention_resolutions,
-        num_head_channels=cfg.num_head_channels,
-        context_dim=cfg.context_dim,
-    )
     with torch.device("meta"):
-        model = UNet(unet_cfg, decoder=False)
+        model = UNet(cfg.unet, decoder=False)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
