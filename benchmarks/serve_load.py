@@ -40,7 +40,7 @@ import numpy as np
 from osdiff.files import read_image
 from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from osdiff.runtime.codec import Codec
-from osdiff.serving.client import CodecClient
+from osdiff.serving.client import CodecClient, wait_ready
 from osdiff.serving.models import COMPRESS, DECOMPRESS
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "serve_load_cpu.json"
@@ -64,26 +64,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
-    import tritonclient.http as th
-
-    client = th.InferenceServerClient(url)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
-            try:
-                if client.is_server_ready() and client.is_model_ready(COMPRESS) and client.is_model_ready(DECOMPRESS):
-                    return
-            except Exception:
-                pass
-            time.sleep(0.5)
-    finally:
-        client.close()
-    raise TimeoutError(f"the server at {url} was not ready within {timeout_s:.0f} s")
 
 
 def tree_rss_mb(pid: int | None) -> float | None:
@@ -223,7 +203,7 @@ def main(engines: str, start: bool, max_batch: int, queue_delay_us: int, instanc
         raise click.UsageError(f"give --start, or the server's URL for {', '.join(missing)}")
     try:
         if process is not None:
-            wait_ready(str(http_url), process, ready_timeout)
+            wait_ready(str(http_url), ready_timeout, lambda: process is None or process.poll() is None)
         for p in protocol_list:  # warm-up: every instance's sessions get created
             with CodecClient(str(urls[p]), p) as c:
                 for _ in range(instances):

@@ -5,6 +5,8 @@ with the server's message.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -73,3 +75,26 @@ class CodecClient:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def wait_ready(http_url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Wait until the server at host:port (HTTP) has both models ready: Triton's own readiness
+    can come before the models load. `alive` says whether the server process still runs.
+    Raises RuntimeError when it stops, TimeoutError after timeout_s."""
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(http_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if not alive():
+                raise RuntimeError("the server exited before it was ready")
+            try:
+                if client.is_model_ready(COMPRESS) and client.is_model_ready(DECOMPRESS):
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+    finally:
+        client.close()
+    raise TimeoutError(f"the server at {http_url} was not ready within {timeout_s:.0f} s")

@@ -8,7 +8,6 @@ import importlib
 import json
 import os
 import pickle
-import re
 import sys
 import types
 import typing

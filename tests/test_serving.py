@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import sysconfig  # noqa: E402
 if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
     pytest.skip("this Python has no shared libpython, which Triton's Python backend needs", allow_module_level=True)
 
-from osdiff.serving.client import CodecClient  # noqa: E402
+from osdiff.serving.client import CodecClient, wait_ready  # noqa: E402
 from osdiff.serving.models import COMPRESS, DECOMPRESS  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -47,25 +46,6 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-def wait_ready(http_url: str, alive=lambda: True) -> None:
-    import tritonclient.http as th
-
-    client = th.InferenceServerClient(http_url)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            assert alive(), "the server exited before it was ready"
-            try:
-                if client.is_model_ready(COMPRESS) and client.is_model_ready(DECOMPRESS):
-                    return
-            except Exception:
-                pass
-            time.sleep(0.5)
-    finally:
-        client.close()
-    raise TimeoutError(f"no ready server at {http_url} after {READY_TIMEOUT_S} s")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +81,7 @@ class Server:
                    "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port)]
         self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         try:
-            wait_ready(self.http, lambda: self.process.poll() is None)
+            wait_ready(self.http, READY_TIMEOUT_S, lambda: self.process.poll() is None)
         except BaseException:
             self.process.kill()
             raise AssertionError(f"server did not come up:\n{log.read_text()[-3000:]}") from None
@@ -344,7 +324,7 @@ def test_python_only_repository_in_pytritons_tritonserver(tiny_export, codec, im
                                         exit_timeout_secs=30))
     triton.run()
     try:
-        wait_ready(f"localhost:{http}")
+        wait_ready(f"localhost:{http}", READY_TIMEOUT_S)
         for protocol, port in (("http", http), ("grpc", grpc)):
             with CodecClient(f"localhost:{port}", protocol) as client:
                 for i, image in enumerate(images[:2]):
