@@ -459,13 +459,12 @@ def serve(http_port: int, grpc_port: int, metrics_port: int, instances: int, max
           device: str, **options: Any) -> None:
     """Serve osdiff_compress and osdiff_decompress on Triton Inference Server (PyTriton; needs the
     serve extra). --device takes a comma-separated list for the torch backend: --instances per device."""
-    from osdiff.runtime.codec import Codec
     from osdiff.serving.server import ServeError, ServeOptions, serve_forever, start
 
     devices = device.split(",")
     if len(devices) > 1 and (options["backend"] or ("onnxruntime" if options["engines"] else "torch")) != "torch":
         raise click.UsageError("several --device values need --backend torch")
-    codecs = [Codec(open_backend(device=d, **options)) for d in devices for _ in range(instances)]
+    codecs = [open_codec(device=d, **options) for d in devices for _ in range(instances)]
     try:
         triton = start(codecs, ServeOptions(http_port, grpc_port, metrics_port, max_batch, queue_delay_us))
     except ServeError as e:
@@ -535,8 +534,6 @@ def eval_(inputs: tuple[str, ...], output: str, codec: str, qualities: str | Non
     --compare, BD-rates and RD plots of results files."""
     import json
 
-    from osdiff.runtime.codec import Codec
-
     from osdiff.evaluation import missing_modules
 
     if missing_modules():
@@ -558,10 +555,10 @@ def eval_(inputs: tuple[str, ...], output: str, codec: str, qualities: str | Non
 
     images = run.ImageSet(list(inputs), protocol)
     if codec == "osdiff":
-        backend = open_backend(**options)
+        osdiff_codec = open_codec(**options)
         label = name or _model_name(options)
-        points: list[Any] = [codecs.OSDiffCodec(Codec(backend), label, seed)]
-        description = f"OSDiff, {_model_description(options)}, {backend.name} backend"
+        points: list[Any] = [codecs.OSDiffCodec(osdiff_codec, label, seed)]
+        description = f"OSDiff, {_model_description(options)}, {osdiff_codec.backend.name} backend"
     else:
         if any(options[k] for k in ("engines", "sd", "osdiff_ckpt", "random_weights")):
             raise click.UsageError(f"--codec {codec} takes no model (--engines, --sd, --osdiff, --random-weights)")

@@ -54,6 +54,17 @@ def test_exported_attention_is_a_bounded_scan(tmp_path, monkeypatch):
         assert float((torch.from_numpy(y) - ref).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("n", [1, 35, 1230])
+def test_the_scan_pads_less_than_one_block_and_never_past_n(n):
+    """The exported path's query blocks hold at most N queries, however small N is next to
+    what CHUNK_BYTES allows (a block of CHUNK_BYTES padded onto a small image cost 18 GB)."""
+    q = torch.randn(1, 2, n, 8)
+    blocks = attention.query_blocks(q)
+    count, block = blocks.shape[0], blocks.shape[3]
+    assert block <= n and (count - 1) * block < n <= count * block
+    assert torch.equal(blocks.permute(1, 2, 0, 3, 4).flatten(2, 3)[:, :, :n], q)
+
+
 def test_the_meter_counts_live_bytes():
     class Two(torch.nn.Module):
         def forward(self, x):

@@ -25,14 +25,30 @@ from torch import Tensor
 CHUNK_BYTES = 64 * 2**20
 
 
+def query_block(b: int, h: int, n: int) -> int:
+    """Queries per block for B x H x N x N attention: as many as CHUNK_BYTES of scores hold, at
+    least 1, at most N. The cap at N matters to the Scan, which pads q to whole blocks: a block
+    sized for CHUNK_BYTES on a small image is many times N (a 64x64 image on the full-size
+    model took 18 GB of padding and scores in ONNX Runtime before it). torch.sym_* keep the
+    value symbolic when exporting and are plain min/max on ints."""
+    return torch.sym_min(n, torch.sym_max(1, CHUNK_BYTES // (4 * b * h * n)))
+
+
+def query_blocks(q: Tensor) -> Tensor:
+    """B x H x N x d -> blocks x B x H x block x d: q padded with zeros to whole blocks."""
+    b, h, n, _ = q.shape
+    block = query_block(b, h, n)
+    return F.pad(q, (0, 0, 0, (-n) % block)).unflatten(2, (-1, block)).permute(2, 0, 1, 3, 4)
+
+
 def self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Exact attention, B x H x N x d each -> B x H x N x d, scale d^-0.5 (SDPA's default).
     Inputs should be contiguous in their last dimension (see the module docstring)."""
     if torch.compiler.is_exporting():
         return _scan_blocks(q, k, v)
     b, h, n, _ = q.shape
-    block = max(1, CHUNK_BYTES // (4 * b * h * k.shape[2]))
-    if block >= n:
+    block = query_block(b, h, n)
+    if block == n:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat([F.scaled_dot_product_attention(qb, k, v) for qb in q.split(block, dim=2)], dim=2)
 
@@ -42,9 +58,8 @@ def _scan_blocks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     the padding cut off again. Shapes stay symbolic, so the block size follows N at run time."""
     from torch._higher_order_ops.scan import scan
 
-    b, h, n, _ = q.shape
-    block = torch.sym_max(1, CHUNK_BYTES // (4 * b * h * n))
-    blocks = F.pad(q, (0, 0, 0, (-n) % block)).unflatten(2, (-1, block)).permute(2, 0, 1, 3, 4)
+    n = q.shape[2]
+    blocks = query_blocks(q)
 
     def step(carry: Tensor, q_block: Tensor) -> tuple[Tensor, Tensor]:
         # scan needs a carried value; this one only passes through
