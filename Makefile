@@ -11,7 +11,7 @@ BUILD_REQUIRES := "scikit-build-core>=0.10" "nanobind>=2.0"
 NATIVE_SOURCES := CMakeLists.txt $(wildcard runtime/native/*)
 SANITIZE_BUILD := build/sanitize
 
-.PHONY: install demo test typecheck bench fuzz sanitize clean gpu-kit gpu-rehearsal
+.PHONY: install demo test test-slow typecheck bench fuzz sanitize clean gpu-kit gpu-rehearsal
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,14 @@ install: $(VENV)/.native
 demo: install
 	$(BIN)/osdiff demo
 
+# CI's suite: everything but the tests marked slow (full-size models, subprocess matrices, servers,
+# training), which `make test-slow` runs; run it before resolving an issue that touches them.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
 	$(MAKE) typecheck
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 typecheck: install
 	$(BIN)/python -m mypy

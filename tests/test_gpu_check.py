@@ -36,7 +36,6 @@ def rehearsal(tmp_path_factory) -> tuple[dict, str, float]:
     return json.loads((out / "gpu_check.json").read_text()), proc.stdout, seconds
 
 
-@pytest.mark.slow
 def test_rehearsal_writes_the_gpu_runs_json(rehearsal):
     r, stdout, seconds = rehearsal
     assert seconds < 300, f"the rehearsal took {seconds:.0f} s (the issue allows 5 minutes)"

@@ -98,7 +98,7 @@ def test_export_directory_problems_are_named(tiny_export, tmp_path):
     manifest["entropy"]["bottleneck"]["cdfs"][0][1] += 1
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "entropy_bottleneck.safetensors").write_bytes((tiny_export / "entropy_bottleneck.safetensors").read_bytes())
-    with pytest.raises(ExportError, match="do not match"):
+    with pytest.raises(ExportError, match="bottleneck CDF tables in manifest.json differ"):
         load_export(tmp_path)
     manifest["format_version"] = 99
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

@@ -187,6 +187,7 @@ def test_training_y_hat_is_the_coders(training_model, tiny_config, tiny_image):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_exports_and_round_trips_a_stream(training_model, tiny_config, tiny_image, tmp_path):
     from osdiff.export.onnx_export import export_onnx
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
