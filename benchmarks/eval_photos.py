@@ -4,7 +4,7 @@ The photographs ship in scikit-image's wheel (skimage/data): astronaut (NASA, pu
 chelsea (Stefan van der Walt, CC0), coffee (Rachel Michetti, CC0), rocket (SpaceX, public
 domain); full size, protocol none. Runs, exactly as a user would:
 
-    osdiff eval PHOTOS --config demo --random-weights -o TMP --no-progress   (or the model given)
+    osdiff eval PHOTOS --config demo -o TMP --no-progress   (the built-in model, or the model given)
     osdiff eval PHOTOS --codec jpeg -o TMP
     osdiff eval PHOTOS --codec webp -o TMP
     osdiff eval --compare TMP/<osdiff>.json TMP/jpeg.json TMP/webp.json --anchor jpeg -o OUT
@@ -12,7 +12,7 @@ domain); full size, protocol none. Runs, exactly as a user would:
 and keeps the JSON and CSV results, compare.json and rd.png in OUT (default
 benchmarks/results/eval_photos/); the streams stay in the temporary folder.
 
-    python benchmarks/eval_photos.py                         # the demo config, random weights
+    python benchmarks/eval_photos.py                         # the built-in demo model
     python benchmarks/eval_photos.py --model-args "--engines model/"
     python benchmarks/eval_photos.py --metric-weights ~/weights   # adds LPIPS and DISTS
 """
@@ -40,7 +40,7 @@ def osdiff(*args: str) -> None:
 
 
 @click.command()
-@click.option("--model-args", default="--config demo --random-weights", show_default=True,
+@click.option("--model-args", default="--config demo", show_default=True,
               help="How `osdiff eval` gets the OSDiff model.")
 @click.option("--name", default=None, help="Curve name of the OSDiff model (default: osdiff eval's).")
 @click.option("--metric-weights", default=None, help="Folder with the metric backbones' weights.")
