@@ -595,6 +595,8 @@ def _model_description(options: dict[str, Any]) -> str:
     if options.get("random_weights"):
         return (f"'{options.get('config') or 'full'}' config with RANDOM weights (seed {options['weights_seed']}): "
                 "not a trained codec")
+    if not (options.get("sd") or options.get("osdiff_ckpt")):
+        return "the built-in demo model (osdiff/assets/demo_model.safetensors)"
     return f"checkpoints {options.get('sd')} + {options.get('osdiff_ckpt')}"
 
 
