@@ -51,6 +51,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from entropy import cpu_model  # noqa: E402
 from pipeline import ReferenceStyleCodec, chart  # noqa: E402
 
 from osdiff.config import ModelConfig  # noqa: E402
@@ -454,9 +455,9 @@ def parse_pytest(log: str) -> dict[str, Any]:
 
 def device_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                            "cpu": _cpu_model(), "cores": os.cpu_count()}
+                            "cpu": cpu_model(), "cores": os.cpu_count()}
     if device == "cpu" or not torch.cuda.is_available():
-        return {"name": _cpu_model(), "driver": None, **info, "cuda_available": torch.cuda.is_available()}
+        return {"name": cpu_model(), "driver": None, **info, "cuda_available": torch.cuda.is_available()}
     props = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -466,16 +467,6 @@ def device_info(device: str) -> dict[str, Any]:
     return {"name": props.name, "driver": driver, **info, "cudnn": torch.backends.cudnn.version(),
             "compute_capability": f"{props.major}.{props.minor}", "memory_mb": props.total_memory / 2**20,
             "multiprocessors": props.multi_processor_count}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def assemble(plan: Plan, work: Path, steps: dict[str, Any], started: float, device: dict[str, Any]) -> dict[str, Any]:
