@@ -8,8 +8,11 @@ checkerboard layout) and time inside the rANS coder. "Outside the networks" is t
 loop's wall time minus its network time, so work that falls between the traced spans is
 counted too (the "other" column).
 
-Three paths: "ours" is our latent codec with the native coder (the default), "ours+cai" the
-same loop with CompressAI's coder (`use_coder("compressai")`), "naive" the reference's way.
+Three paths: "ours" is our latent codec with the native coder (the default), where each round
+outside the networks is one native call (runtime/native/checkerboard.hpp: quantization or
+decoding, scale -> index, checkerboard layout), so its index time shows in the coder column on
+decode; "ours+cai" the same loop with CompressAI's coder (`use_coder("compressai")`; decoding
+then takes the tensor path that CUDA runs); "naive" the reference's way.
 The coder column divided by the symbols is each coder's time per symbol as the loop sees it
 (for CompressAI's coder that includes its bindings' list conversions, which are the price of
 calling it).

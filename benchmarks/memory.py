@@ -57,6 +57,7 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     data = codec.compress(image)
     t1 = time.perf_counter()
+    print(f"compressed in {t1 - t0:.1f} s, peak so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB", file=sys.stderr, flush=True)
     grid = tile_grid(OsdStream.from_bytes(data))
     from osdiff.runtime.tiling import TileGrid
 
@@ -102,10 +103,11 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", "--backend", backend, "--mp", str(mp), "--config", args.config]
                 cmd += ["--engines", engines] if engines else []
                 cmd += ["--max-memory", args.max_memory] if args.max_memory else []
-                res = subprocess.run(cmd, capture_output=True, text=True)
+                # stderr passes through: a long run's progress shows while it runs.
+                res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
                 if res.returncode != 0:
-                    print(f"{backend} {mp} MP failed (exit {res.returncode}):\n{res.stderr[-2000:]}", file=sys.stderr)
-                    rows.append({"backend": backend, "megapixels": mp, "error": res.stderr.strip().splitlines()[-1:]})
+                    print(f"{backend} {mp} MP failed (exit {res.returncode}; its stderr is above)", file=sys.stderr)
+                    rows.append({"backend": backend, "megapixels": mp, "error": f"exit {res.returncode}"})
                     continue
                 row = json.loads(res.stdout.strip().splitlines()[-1])
                 rows.append(row)

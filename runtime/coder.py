@@ -192,35 +192,37 @@ class Encoder:
         self._symbols: list[np.ndarray] = []
         self._indexes: list[np.ndarray] = []
         self._tables: CdfTables | None = None
-        self._top = 0  # one past the largest index seen: the compressai coder only gets the rows it needs
         self.count = 0
 
     def encode(self, symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> None:
-        """symbols: any integer shape; indexes: CDF rows, the same number in the same order."""
+        """symbols: any integer shape; indexes: CDF rows, the same number in the same order.
+        Values are checked once for the whole string, by flush()."""
         symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
         indexes = _index_array(indexes)
         if symbols.shape != indexes.shape:
             raise ValueError("symbols and indexes differ in size")
         if self._tables is not None and tables is not self._tables:
             raise ValueError("one string is coded with one set of tables")
-        if symbols.size and (int(symbols.min()) < -MAX_ABS_SYMBOL or int(symbols.max()) > MAX_ABS_SYMBOL):
-            raise ValueError("latent value out of range (not finite, or the model is broken)")
-        self._top = max(self._top, _check_indexes(indexes, tables) + 1)
         self._tables = tables
         self._symbols.append(symbols)
         self._indexes.append(indexes)
         self.count += symbols.size
 
     def flush(self) -> bytes:
+        """The string of everything encoded. Raises ValueError for a symbol beyond
+        MAX_ABS_SYMBOL (a latent that is not finite, or a broken model) or an index outside the
+        tables."""
         if self._tables is None:
             raise ValueError("nothing to encode")
         pad = max(0, MIN_SYMBOLS - self.count)
         symbols = np.concatenate(self._symbols + [np.zeros(pad, np.int32)])
         indexes = np.concatenate(self._indexes + [np.zeros(pad, self._indexes[0].dtype)])  # padding: index 0
+        if int(symbols.min()) < -MAX_ABS_SYMBOL or int(symbols.max()) > MAX_ABS_SYMBOL:
+            raise ValueError("latent value out of range (not finite, or the model is broken)")
+        top = _check_indexes(indexes, self._tables) + 1  # the compressai coder only gets the rows it needs
         t = self._tables
         if self.coder == "native":
             return native().encode(symbols, indexes, t.native)
-        top = max(self._top, 1)
         encoder = ans.BufferedRansEncoder()
         encoder.encode_with_indexes(symbols.tolist(), indexes.tolist(), t.cdfs[:top], t.lengths[:top], t.offsets[:top])
         return bytes(encoder.flush())
@@ -264,6 +266,29 @@ class Decoder:
             raise StreamError("entropy-coded string does not start with a valid coder state")
         self._decoder = ans.RansDecoder()
         self._decoder.set_stream(bytes(string) + bytes(compressai_padding(len(string), self._remaining)))
+
+    @property
+    def fused(self) -> bool:
+        """Whether `dequantize_half` is available (the native coder)."""
+        return self.coder == "native"
+
+    def dequantize_half(self, means: np.ndarray, scales: np.ndarray, scale_index: object, anchor: bool,
+                        y_hat: np.ndarray) -> np.ndarray:
+        """One checkerboard round of y in one native call (runtime/native/checkerboard.hpp): the
+        CDF rows of `scales`, the next symbols, and symbols + means written into y_hat's half.
+
+        means, scales: (C, H, W/2) float32; y_hat: (C, H, W) float32, written in place; all
+        C-contiguous. Returns the symbols, (C * H * W/2,) int32. Raises StreamError (corrupt
+        string), ValueError (wrong shapes); native coder only."""
+        if not self.fused:
+            raise ValueError("dequantize_half needs the native coder")
+        if means.size > self._remaining:
+            raise ValueError("asked to decode more symbols than the stream was opened for")
+        self._remaining -= means.size
+        try:
+            return self._native.dequantize_half(self._tables.native, means, scales, scale_index, anchor, y_hat)
+        except native().StreamError as e:
+            raise StreamError(str(e)) from None
 
     def decode(self, indexes: np.ndarray) -> np.ndarray:
         """indexes: the CDF rows of the next symbols, any shape -> those symbols, (n,) int32."""

@@ -64,7 +64,7 @@ class GaussianConditional:
         self.cfg = cfg
         scales, self.tables = _gaussian(cfg, arithmetic)
         self.scale_table = torch.tensor(scales)
-        self._scale_index = native().ScaleIndex(scales)
+        self.scale_index = native().ScaleIndex(scales)  # the native mapping, for build_indexes and the coding rounds
         self._table_on: dict[torch.device, torch.Tensor] = {}  # the scale table per accelerator, copied once
 
     def build_indexes(self, scales: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ class GaussianConditional:
         that only the one-byte indexes cross the bus.
         """
         if scales.device.type == "cpu":
-            return torch.from_numpy(self._scale_index(np.ascontiguousarray(scales.detach().float().numpy())))
+            return torch.from_numpy(self.scale_index(np.ascontiguousarray(scales.detach().float().numpy())))
         if scales.device not in self._table_on:
             self._table_on[scales.device] = self.scale_table.to(scales.device)
         return scale_indexes(scales, self._table_on[scales.device]).to(torch.uint8)

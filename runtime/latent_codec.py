@@ -1,12 +1,14 @@
 """Coding the LFGCM latent: z through the entropy bottleneck, y through uneven channel slices,
 each in two checkerboard halves (anchors, then non-anchors).
 
-The loop runs the entropy-parameter graphs and the scale -> CDF index mapping on the backend's
-device and only the arithmetic coding on the CPU: per round, CDF indexes (uint8) go to the coder
-and int32 symbols come back, nothing else crosses the bus. On CUDA both travel through
-page-locked host buffers with one synchronization per round (`_HostBus`); on the CPU the tensors
-are the arrays. Everything between is vectorized tensor code; nothing walks the 491,520 symbols
-of a 512x768 image in Python.
+The loop runs the entropy-parameter graphs on the backend's device. On CUDA the scale -> CDF
+index mapping runs there too and only the arithmetic coding on the CPU: per round, CDF indexes
+(uint8) go to the coder and int32 symbols come back, through page-locked host buffers with one
+synchronization per round (`_HostBus`). On the CPU each round (quantize or decode one
+checkerboard half, index its scales, write it into y_hat) is one native call
+(runtime/native/checkerboard.hpp), bit for bit what the tensor code computes. Slices are
+written into one y_hat in place, so no round copies the slices before it. Nothing walks the
+491,520 symbols of a 512x768 image in Python.
 
 Coding order (it defines the stream): z; then for slice 0, 1, ...: anchors, non-anchors; within
 a half channel-major, then row, then squeezed column. Encoder and decoder compute every index
@@ -26,9 +28,14 @@ from torch import Tensor
 from osdiff.config import ModelConfig
 from osdiff.export.models.lfgcm import squeeze_anchor, squeeze_nonanchor, unsqueeze_anchor, unsqueeze_nonanchor
 from osdiff.runtime.backends.base import GraphRunner
-from osdiff.runtime.coder import Decoder, Encoder
+from osdiff.runtime.coder import MAX_ABS_SYMBOL, Decoder, Encoder, native
 from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional
 from osdiff.runtime.profiling import NO_TRACE, Trace
+
+
+# On the CPU each coding round is one native call; the tests switch this off to run the tensor
+# code that CUDA runs on the CPU too, and check that the two agree bit for bit.
+NATIVE_ROUNDS = True
 
 
 @dataclass
@@ -44,45 +51,53 @@ def compress_latent(
     y: Tensor, z: Tensor, trace: Trace = NO_TRACE,
 ) -> tuple[CodedLatent, Tensor]:
     """(y, z) of one image -> the two strings, and y_hat exactly as the decoder will see it."""
-    if not torch.isfinite(y).all():  # once per image, not per round: it synchronizes a GPU
-        raise ValueError("the latent y is not finite")
+    bus = _HostBus(runner.device, y[0].numel())
+    if not bus.native and not torch.isfinite(y).all():  # once per image, not per round: it synchronizes a GPU
+        raise ValueError("the latent y is not finite")  # (the native rounds refuse it on their own)
     with trace("z_coding"):
         z_string, z_hat, z_symbols = eb.compress(z)
     with trace("hyper_synthesis"):
         (hyper,) = runner.run("hyper_synthesis", _upload(z_hat, runner.device))
-    bus = _HostBus(runner.device, y[0].numel())
     encoder = Encoder()
     symbols = [z_symbols]
-    y_hat_slices: list[Tensor] = []
+    # Slices are written into one y_hat in place: slice k's context is the view y_hat[:, :lo].
+    y_hat = torch.empty(y.shape, dtype=torch.float32, device=y.device)
     for k, (lo, hi) in enumerate(cfg.lfgcm.slice_ranges):
-        y_k = y[:, lo:hi]
         with trace(f"slice{k}.anchor.network"):
-            out = runner.run(f"entropy_anchor_{k}", hyper, *([torch.cat(y_hat_slices, 1)] if k else []))
+            out = runner.run(f"entropy_anchor_{k}", hyper, *([y_hat[:, :lo]] if k else []))
         scales, means = out[0], out[1]
         channel_ctx = out[2] if k else None
-        anchor_hat = _code(encoder, bus, gaussian, y_k, scales, means, symbols, trace, k, "anchor")
+        _code(encoder, bus, gaussian, y[:, lo:hi], scales, means, y_hat[:, lo:hi], symbols, trace, k, True)
         with trace(f"slice{k}.nonanchor.network"):
-            scales, means = runner.run(f"entropy_nonanchor_{k}", anchor_hat, hyper, *([channel_ctx] if k else []))
-        y_hat_slices.append(_code(encoder, bus, gaussian, y_k, scales, means, symbols, trace, k, "nonanchor", anchor_hat))
+            scales, means = runner.run(f"entropy_nonanchor_{k}", y_hat[:, lo:hi], hyper, *([channel_ctx] if k else []))
+        _code(encoder, bus, gaussian, y[:, lo:hi], scales, means, y_hat[:, lo:hi], symbols, trace, k, False)
     with trace("y_coding"):
         # the encoder may hold views of the bus's buffers until here; the next image reuses them
         y_string = encoder.flush()
-    return CodedLatent(z_string, y_string, (z.shape[2], z.shape[3]), symbols), torch.cat(y_hat_slices, 1)
+    return CodedLatent(z_string, y_string, (z.shape[2], z.shape[3]), symbols), y_hat
 
 
-def _code(encoder: Encoder, bus: "_HostBus", gaussian: GaussianConditional, y_k: Tensor, scales: Tensor, means: Tensor,
-          symbols: list[np.ndarray], trace: Trace, k: int, half: str, anchor_hat: Tensor | None = None) -> Tensor:
-    """One round, the mirror of _decode: returns what the decoder will reconstruct."""
+def _code(encoder: Encoder, bus: "_HostBus", gaussian: GaussianConditional, y_k: Tensor, scales: Tensor,
+          means: Tensor, y_hat_k: Tensor, symbols: list[np.ndarray], trace: Trace, k: int, anchor: bool) -> None:
+    """One round, the mirror of _decode: codes one checkerboard half of slice k and writes into
+    y_hat_k (1 x C x H x W) what the decoder will reconstruct there. On the CPU in one native
+    call (runtime/native/checkerboard.hpp), elsewhere as tensor code; the two agree bit for bit."""
+    half = "anchor" if anchor else "nonanchor"
     with trace(f"slice{k}.{half}.index"):
-        values = squeeze_anchor(y_k) if anchor_hat is None else squeeze_nonanchor(y_k)
-        q = torch.round(values - means)
-        sym, idx = bus.to_host(q.to(torch.int32), gaussian.build_indexes(scales).to(torch.uint8))
+        if bus.native:
+            sym, idx = native().quantize_half(_array(y_k), _array(means), _array(scales), gaussian.scale_index,
+                                              MAX_ABS_SYMBOL, anchor, y_hat_k[0].numpy())
+        else:
+            values = squeeze_anchor(y_k) if anchor else squeeze_nonanchor(y_k)
+            q = torch.round(values - means)
+            sym, idx = bus.to_host(q.to(torch.int32), gaussian.build_indexes(scales).to(torch.uint8))
     with trace(f"slice{k}.{half}.coder"):
         encoder.encode(sym, idx, gaussian.tables)
     with trace(f"slice{k}.{half}.index"):
         symbols.append(sym.copy() if bus.cuda else sym)  # the check value is computed after the bus is reused
-        values = q + means
-        return unsqueeze_anchor(values) if anchor_hat is None else anchor_hat + unsqueeze_nonanchor(values)
+        if not bus.native:
+            values = q + means
+            y_hat_k.copy_(unsqueeze_anchor(values) if anchor else y_hat_k + unsqueeze_nonanchor(values))
 
 
 def decompress_latent(
@@ -99,24 +114,30 @@ def decompress_latent(
         decoder = Decoder(coded.y_string, gaussian.tables, cfg.lfgcm.M * h * w)
     bus = _HostBus(runner.device, cfg.lfgcm.M * h * w)
     coded.symbols = [z_symbols.reshape(-1)]
-    y_hat_slices: list[Tensor] = []
-    for k in range(len(cfg.lfgcm.slice_ch)):
+    y_hat = torch.empty(1, cfg.lfgcm.M, h, w, device=runner.device)
+    for k, (lo, hi) in enumerate(cfg.lfgcm.slice_ranges):
         with trace(f"slice{k}.anchor.network"):
-            out = runner.run(f"entropy_anchor_{k}", hyper, *([torch.cat(y_hat_slices, 1)] if k else []))
+            out = runner.run(f"entropy_anchor_{k}", hyper, *([y_hat[:, :lo]] if k else []))
         scales, means = out[0], out[1]
         channel_ctx = out[2] if k else None
-        anchor_hat = _decode(decoder, bus, gaussian, scales, means, coded.symbols, trace, k, "anchor")
+        _decode(decoder, bus, gaussian, scales, means, y_hat[:, lo:hi], coded.symbols, trace, k, True)
         with trace(f"slice{k}.nonanchor.network"):
-            scales, means = runner.run(f"entropy_nonanchor_{k}", anchor_hat, hyper, *([channel_ctx] if k else []))
-        y_hat = _decode(decoder, bus, gaussian, scales, means, coded.symbols, trace, k, "nonanchor", anchor_hat)
-        y_hat_slices.append(y_hat)
-    return torch.cat(y_hat_slices, 1)
+            scales, means = runner.run(f"entropy_nonanchor_{k}", y_hat[:, lo:hi], hyper, *([channel_ctx] if k else []))
+        _decode(decoder, bus, gaussian, scales, means, y_hat[:, lo:hi], coded.symbols, trace, k, False)
+    return y_hat
 
 
 def _decode(decoder: Decoder, bus: "_HostBus", gaussian: GaussianConditional, scales: Tensor, means: Tensor,
-            symbols: list[np.ndarray], trace: Trace, k: int, half: str, anchor_hat: Tensor | None = None) -> Tensor:
-    """One round: the half's values in the full layout (anchors), or the whole decoded slice
-    (non-anchors, added to `anchor_hat`)."""
+            y_hat_k: Tensor, symbols: list[np.ndarray], trace: Trace, k: int, anchor: bool) -> None:
+    """One round: decodes one checkerboard half of slice k into y_hat_k (1 x C x H x W): the
+    anchors (zeros at the non-anchors), then the non-anchors beside them. On the CPU with the
+    native coder in one native call, elsewhere as tensor code, bit for bit the same."""
+    half = "anchor" if anchor else "nonanchor"
+    if bus.native and decoder.fused:
+        with trace(f"slice{k}.{half}.coder"):
+            symbols.append(decoder.dequantize_half(_array(means), _array(scales), gaussian.scale_index, anchor,
+                                                   y_hat_k[0].numpy()))
+        return
     with trace(f"slice{k}.{half}.index"):
         (idx,) = bus.to_host(gaussian.build_indexes(scales).to(torch.uint8))
     with trace(f"slice{k}.{half}.coder"):
@@ -124,7 +145,12 @@ def _decode(decoder: Decoder, bus: "_HostBus", gaussian: GaussianConditional, sc
     with trace(f"slice{k}.{half}.index"):
         symbols.append(sym)
         values = bus.to_device(sym).view(means.shape).to(means.dtype) + means
-        return unsqueeze_anchor(values) if anchor_hat is None else anchor_hat + unsqueeze_nonanchor(values)
+        y_hat_k.copy_(unsqueeze_anchor(values) if anchor else y_hat_k + unsqueeze_nonanchor(values))
+
+
+def _array(t: Tensor) -> np.ndarray:
+    """A CPU tensor of one image (1 x C x H x W) -> a C-contiguous float32 (C, H, W) array."""
+    return np.ascontiguousarray(t[0].detach().float().numpy())
 
 
 def _upload(t: Tensor, device: torch.device) -> Tensor:
@@ -148,6 +174,7 @@ class _HostBus:
     def __init__(self, device: torch.device, n_symbols: int) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self.native = device.type == "cpu" and NATIVE_ROUNDS  # rounds as one native call each
         self.at = self.end = 0
         if self.cuda:
             buffers = self._cache.__dict__.setdefault("buffers", {})

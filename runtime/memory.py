@@ -6,8 +6,7 @@ it creates and subtracts them as they are freed: the largest sum is that stage's
 peak in PyTorch's eager execution, for the exact image size and attention blocking in use.
 The estimate of a whole run is what the process already holds, plus weights still to be loaded
 (ONNX Runtime creates its sessions on first use), plus the largest stage peak times a margin
-per backend (ONNX Runtime's planner and arena keep some buffers longer than eager PyTorch;
-measured in benchmarks/memory.py). The codec checks it against the memory the machine has
+per backend (allocator slack and kernels' workspaces; measured in benchmarks/memory.py). The codec checks it against the memory the machine has
 (or --max-memory) and refuses, naming the image size, the estimate and the way out, instead of
 being killed by the kernel half-way.
 """
@@ -26,8 +25,9 @@ from torch.utils._pytree import tree_leaves
 from osdiff.config import ModelConfig
 
 # Activation peak x margin (eager PyTorch's allocator and kernels' own workspaces; ONNX Runtime's
-# memory planner and arena). Measured side by side in benchmarks/memory.py.
-MARGIN = {"torch": 1.3, "onnxruntime": 1.6, "tensorrt": 1.3}
+# arena, one for all sessions: runtime/backends/onnxruntime_backend.py). Measured side by side in
+# benchmarks/memory.py: demo config, 1 MP, peak 1.18 GB PyTorch and 1.13 GB ONNX Runtime.
+MARGIN = {"torch": 1.3, "onnxruntime": 1.3, "tensorrt": 1.3}
 GB = 1024**3
 
 

@@ -225,13 +225,20 @@ def test_escape_codes_round_trip(gaussian, coder):
 
 
 def test_encoder_refuses_bad_arguments(gaussian, coder):
-    enc = Encoder()
-    with pytest.raises(ValueError, match="out of range"):
-        enc.encode(np.zeros(4, np.int32), np.array([0, 1, 64, 2], np.int32), gaussian.tables)
-    with pytest.raises(ValueError, match="out of range"):
-        enc.encode(np.zeros(4, np.int32), np.array([0, -1, 3, 2], np.int32), gaussian.tables)
-    with pytest.raises(ValueError, match="out of range"):
-        enc.encode(np.array([0, (1 << 20) + 1], np.int32), np.zeros(2, np.int32), gaussian.tables)
+    """Sizes are checked per group, values once for the whole string when it is written."""
+    bad_values = [
+        (np.zeros(4, np.int32), np.array([0, 1, 64, 2], np.int32)),
+        (np.zeros(4, np.int32), np.array([0, -1, 3, 2], np.int32)),
+        (np.array([0, (1 << 20) + 1], np.int32), np.zeros(2, np.int32)),
+        (np.array([-(1 << 20) - 1, 0], np.int32), np.zeros(2, np.int32)),
+    ]
+    for symbols, indexes in bad_values:
+        enc = Encoder(coder)
+        enc.encode(np.zeros(5, np.int32), np.zeros(5, np.int32), gaussian.tables)  # a good group first
+        enc.encode(symbols, indexes, gaussian.tables)
+        with pytest.raises(ValueError, match="out of range"):
+            enc.flush()
+    enc = Encoder(coder)
     with pytest.raises(ValueError, match="differ in size"):
         enc.encode(np.zeros(3, np.int32), np.zeros(4, np.int32), gaussian.tables)
     with pytest.raises(ValueError, match="nothing to encode"):

@@ -152,3 +152,23 @@ def test_estimates_grow_linearly_with_pixels(tiny_config):
     a = memory.graph_peak(tiny_config, "vae_decoder", 512, 512)
     b = memory.graph_peak(tiny_config, "vae_decoder", 1024, 1024)
     assert 3.5 < b / a < 4.5
+
+
+@pytest.mark.slow
+def test_the_estimate_covers_the_measured_peak_on_both_cpu_backends(tmp_path):
+    """benchmarks/memory.py on the demo config at 0.5 MP, each backend in a fresh process: the
+    peak resident memory stays under the estimate that --max-memory is checked against, and the
+    estimate is not so loose that it refuses what would fit (at most twice the peak)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "memory.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "memory.py"
+    subprocess.run([sys.executable, str(script), "--sizes", "0.5", "--json", str(out)], check=True)
+    runs = json.loads(out.read_text())["runs"]
+    assert {r["backend"] for r in runs} == {"torch", "onnxruntime"}
+    for r in runs:
+        estimate = max(r["estimate_compress"], r["estimate_decompress"])
+        assert r["peak_rss"] <= estimate <= 2 * r["peak_rss"], r

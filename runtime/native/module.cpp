@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 
+#include "checkerboard.hpp"
 #include "rans.hpp"
 #include "scale_index.hpp"
 
@@ -54,6 +55,53 @@ static nb::ndarray<nb::numpy, uint8_t> scale_indexes(const rans::ScaleIndex& ind
     uint8_t* data = out.release();
     nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
     return nb::ndarray<nb::numpy, uint8_t>(data, shape.size(), shape.data(), owner);
+}
+
+using Latent = nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+using LatentOut = nb::ndarray<float, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+
+// y_hat (C, H, W) and the squeezed (C, H, W/2) arrays of one round -> the round's Half.
+static rans::Half half_of(const LatentOut& y_hat, const Latent& means, const Latent& scales, bool anchor) {
+    const size_t c = y_hat.shape(0), h = y_hat.shape(1), w = y_hat.shape(2);
+    if (w % 2) throw rans::ArgumentError("checkerboard: the latent's width must be even");
+    for (const Latent* a : {&means, &scales})
+        if (a->shape(0) != c || a->shape(1) != h || a->shape(2) != w / 2)
+            throw rans::ArgumentError("checkerboard: means and scales must be (C, H, W/2) of y_hat's (C, H, W)");
+    return rans::Half{c, h, w, anchor};
+}
+
+static nb::tuple quantize_half(Latent y, Latent means, Latent scales, const rans::ScaleIndex& scale_index,
+                               int64_t max_abs, bool anchor, LatentOut y_hat) {
+    const rans::Half h = half_of(y_hat, means, scales, anchor);
+    if (y.shape(0) != h.channels || y.shape(1) != h.height || y.shape(2) != h.width)
+        throw rans::ArgumentError("checkerboard: y and y_hat differ in shape");
+    const size_t n = h.size();
+    std::unique_ptr<int32_t[]> symbols(new int32_t[n ? n : 1]);
+    std::unique_ptr<uint8_t[]> indexes(new uint8_t[n ? n : 1]);
+    {
+        nb::gil_scoped_release release;
+        rans::quantize_half(h, y.data(), means.data(), scales.data(), scale_index, max_abs, symbols.get(),
+                            indexes.get(), y_hat.data());
+    }
+    int32_t* s = symbols.release();
+    uint8_t* i = indexes.release();
+    nb::capsule s_owner(s, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+    nb::capsule i_owner(i, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+    return nb::make_tuple(Symbols(s, {n}, s_owner), nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(i, {n}, i_owner));
+}
+
+static Symbols dequantize_half(rans::Decoder& decoder, const rans::Tables& tables, Latent means, Latent scales,
+                               const rans::ScaleIndex& scale_index, bool anchor, LatentOut y_hat) {
+    const rans::Half h = half_of(y_hat, means, scales, anchor);
+    const size_t n = h.size();
+    std::unique_ptr<int32_t[]> out(new int32_t[n ? n : 1]);
+    {
+        nb::gil_scoped_release release;
+        rans::dequantize_half(h, decoder, tables, means.data(), scales.data(), scale_index, out.get(), y_hat.data());
+    }
+    int32_t* data = out.release();
+    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+    return Symbols(data, {n}, owner);
 }
 
 NB_MODULE(_rans, m) {
@@ -107,6 +155,12 @@ NB_MODULE(_rans, m) {
              "(uint8, uint16 or int32, C-contiguous).")
         .def("decode", &decode<uint16_t>, "indexes"_a.noconvert(), "tables"_a)
         .def("decode", &decode<int32_t>, "indexes"_a.noconvert(), "tables"_a)
+        .def("dequantize_half", &dequantize_half, "tables"_a, "means"_a.noconvert(), "scales"_a.noconvert(),
+             "scale_index"_a, "anchor"_a, "y_hat"_a.noconvert(),
+             "dequantize_half(tables, means, scales, scale_index, anchor, y_hat) -> (n,) int32: one checkerboard "
+             "round (runtime/native/checkerboard.hpp): decodes the half's symbols with the scales' CDF rows and "
+             "writes symbols + means into y_hat. means, scales: (C, H, W/2) float32; y_hat: (C, H, W) float32, "
+             "written in place; all C-contiguous.")
         .def_prop_ro("bytes_read", &rans::Decoder::bytes_read);
 
     nb::class_<rans::ScaleIndex>(m, "ScaleIndex", "Gaussian scale -> CDF index, as compressai's build_indexes.")
@@ -116,4 +170,12 @@ NB_MODULE(_rans, m) {
             "table"_a.noconvert(), "table: the scale table, (n,) float32, 2 <= n <= 256, strictly increasing.")
         .def("__call__", &scale_indexes, "scales"_a.noconvert(),
              "scales: float32 array, any shape, C-contiguous -> uint8 indexes of the same shape.");
+
+    m.def("quantize_half", &quantize_half, "y"_a.noconvert(), "means"_a.noconvert(), "scales"_a.noconvert(),
+          "scale_index"_a, "max_abs"_a, "anchor"_a, "y_hat"_a.noconvert(),
+          "quantize_half(y, means, scales, scale_index, max_abs, anchor, y_hat) -> (symbols (n,) int32, indexes "
+          "(n,) uint8): one checkerboard round (runtime/native/checkerboard.hpp): symbols = round(y - means) in "
+          "the half's squeezed order, their CDF rows, and symbols + means written into y_hat. y, y_hat: (C, H, W) "
+          "float32, y_hat written in place; means, scales: (C, H, W/2) float32; all C-contiguous. A |symbol| "
+          "over max_abs, or not finite, raises ValueError.");
 }

@@ -65,9 +65,7 @@ public:
     Tables(const int32_t* cdf, size_t rows, size_t width, const int32_t* lengths, const int32_t* offsets) {
         if (rows == 0 || rows > (1u << 16))
             throw ArgumentError("CDF tables: need 1..65536 rows");
-        begin_.resize(rows);
-        length_.resize(rows);
-        offset_.assign(offsets, offsets + rows);
+        rows_.resize(rows);
         lookup_.resize(rows << kLookupBits);
         for (size_t r = 0; r < rows; ++r) {
             const int64_t n = lengths[r];
@@ -79,9 +77,10 @@ public:
             for (int64_t i = 1; i < n; ++i)
                 if (row[i] <= row[i - 1])
                     throw ArgumentError("CDF tables: row " + std::to_string(r) + " is not strictly increasing");
-            begin_[r] = static_cast<uint32_t>(cdf_.size());
-            length_[r] = static_cast<uint32_t>(n);
+            rows_[r] = {static_cast<uint32_t>(cdf_.size()), static_cast<uint32_t>(n), offsets[r]};
             cdf_.insert(cdf_.end(), row, row + n);
+            for (int64_t i = 0; i + 1 < n; ++i) encode_.emplace_back(uint32_t(row[i]), uint32_t(row[i + 1] - row[i]));
+            encode_.emplace_back();
             uint16_t* lut = &lookup_[r << kLookupBits];
             uint32_t s = 0;
             for (uint32_t b = 0; b < (1u << kLookupBits); ++b) {
@@ -92,7 +91,40 @@ public:
         }
     }
 
-    size_t rows() const { return length_.size(); }
+    size_t rows() const { return rows_.size(); }
+
+    // What the encoder needs of one symbol: x -> (x / freq) << precision + x % freq + start,
+    // computed as x + bias + q * (2^precision - freq) with the quotient q = floor(x / freq) from
+    // a multiply and a shift: m = ceil(2^(63 + l) / freq), l = ceil(log2(freq)), is exact for
+    // every x < 2^63 (Granlund and Montgomery, "Division by invariant integers using
+    // multiplication", 1994, theorem 4.2), and the state never reaches 2^63. A hardware 64-bit
+    // division per symbol was most of the encoder's time.
+    struct EncodeSymbol {
+        uint64_t reciprocal;
+        uint32_t bias;
+        uint16_t freq;  // 1 .. 2^16 - 1: every row has at least two symbols of frequency >= 1
+        uint8_t shift;
+
+        EncodeSymbol() = default;
+        EncodeSymbol(uint32_t start, uint32_t f) : bias(start), freq(uint16_t(f)) {
+            if (f == 1) {
+                // q = mulhi(2^64 - 1, x) = x - 1 for x >= 1; the bias puts back the missing 2^16 - 1
+                reciprocal = ~uint64_t(0);
+                shift = 0;
+                bias = start + kTotal - 1;
+                return;
+            }
+            uint32_t l = 0;
+            while ((1u << l) < f) ++l;
+            reciprocal = uint64_t((((unsigned __int128)1 << (63 + l)) + f - 1) / f);
+            shift = uint8_t(l - 1);
+        }
+
+        uint64_t advance(uint64_t x) const {
+            const uint64_t q = uint64_t(((unsigned __int128)reciprocal * x) >> 64) >> shift;
+            return x + bias + q * (kTotal - freq);
+        }
+    };
 
 private:
     friend class Decoder;
@@ -100,8 +132,13 @@ private:
     friend std::vector<uint8_t> encode(const int32_t*, const I*, size_t, const Tables&);
 
     std::vector<int32_t> cdf_;
-    std::vector<uint32_t> begin_, length_;
-    std::vector<int32_t> offset_;
+    std::vector<EncodeSymbol> encode_;  // parallel to cdf_; a row's last entry is unused
+    struct Row {
+        uint32_t begin;   // of the row in cdf_ and encode_
+        uint32_t length;  // CDF entries: symbols + 1
+        int32_t offset;   // the value of symbol 0
+    };
+    std::vector<Row> rows_;  // one load per symbol for all three
     std::vector<uint16_t> lookup_;
 };
 
@@ -118,40 +155,37 @@ inline uint32_t get_le32(const uint8_t* p) {
     return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
 }
 
-// One coding step of the encoder, in the order the decoder meets them reversed.
-struct Step {
-    uint32_t start;  // CDF start, or the chunk's value for a bypass step
-    uint32_t freq;   // 0 marks a bypass step
-};
-
+// The words an encoder emits. The state x itself lives in a local of encode(), passed in by
+// reference: a member, or anything whose address reaches push_back's call, would be stored to
+// memory and reloaded on every symbol, which doubled the time of the serial chain x -> x'.
 class Writer {
 public:
+    explicit Writer(size_t reserve) { words_.reserve(reserve); }
+
     // Steps are pushed in decoding order, per symbol, and coded last symbol first.
-    void put(uint32_t start, uint32_t freq) {
+    void put(uint64_t& x, const Tables::EncodeSymbol& s) {
         // emit a word if x would leave [L, 2^63); x_max = ((L >> precision) << 32) * freq
-        if (x_ >= (uint64_t(freq) << (31 - kPrecision + 32))) emit();
-        x_ = ((x_ / freq) << kPrecision) + (x_ % freq) + start;
+        if (x >= (uint64_t(s.freq) << (31 - kPrecision + 32))) emit(x);
+        x = s.advance(x);
     }
-    void put_bits(uint32_t chunk) {
-        if (x_ >= (kUpper >> kBypassBits)) emit();
-        x_ = (x_ << kBypassBits) | chunk;
+    void put_bits(uint64_t& x, uint32_t chunk) {
+        if (x >= (kUpper >> kBypassBits)) emit(x);
+        x = (x << kBypassBits) | chunk;
     }
-    std::vector<uint8_t> finish() const {
+    std::vector<uint8_t> finish(uint64_t x) const {
         std::vector<uint8_t> out(8 + 4 * words_.size());
-        put_le32(&out[0], uint32_t(x_));
-        put_le32(&out[4], uint32_t(x_ >> 32));
+        put_le32(&out[0], uint32_t(x));
+        put_le32(&out[4], uint32_t(x >> 32));
         uint8_t* p = &out[8];
         for (size_t i = words_.size(); i-- > 0; p += 4) put_le32(p, words_[i]);
         return out;
     }
-    void reserve(size_t n) { words_.reserve(n); }
 
 private:
-    void emit() {
-        words_.push_back(uint32_t(x_));
-        x_ >>= 32;
+    void emit(uint64_t& x) {
+        words_.push_back(uint32_t(x));
+        x >>= 32;
     }
-    uint64_t x_ = kLower;
     std::vector<uint32_t> words_;
 };
 
@@ -161,17 +195,19 @@ private:
 // index outside the tables or a symbol whose escape value does not fit 32 bits.
 template <class I>
 std::vector<uint8_t> encode(const int32_t* symbols, const I* indexes, size_t n, const Tables& t) {
-    detail::Writer w;
-    w.reserve(n / 2 + 16);
-    // steps of one symbol in decoding order: main, up to 1 + 8/15 count chunks, 8 raw chunks
-    detail::Step steps[2 + kMaxBypassChunks + kMaxBypassChunks];
+    detail::Writer w(n / 2 + 16);
+    uint64_t x = kLower;
+    // an escape's bypass chunks in decoding order: its count (chunks of 15, then < 15), its raw
+    // value's chunks; they are coded before the escape symbol itself, which decodes first
+    uint32_t chunk[1 + kMaxBypassChunks / kBypassMax + kMaxBypassChunks];
     for (size_t i = n; i-- > 0;) {
         const int64_t index = int64_t(indexes[i]);
         if (index < 0 || uint64_t(index) >= t.rows())
             throw ArgumentError("CDF index " + std::to_string(index) + " is outside the tables");
-        const int32_t* c = &t.cdf_[t.begin_[index]];
-        const int64_t max_value = int64_t(t.length_[index]) - 2;
-        int64_t value = int64_t(symbols[i]) - t.offset_[index];
+        const Tables::Row& row = t.rows_[index];
+        const Tables::EncodeSymbol* c = &t.encode_[row.begin];
+        const int64_t max_value = int64_t(row.length) - 2;
+        int64_t value = int64_t(symbols[i]) - row.offset;
         uint64_t raw = 0;
         bool escape = false;
         if (value < 0) {
@@ -182,28 +218,25 @@ std::vector<uint8_t> encode(const int32_t* symbols, const I* indexes, size_t n, 
             escape = true;
         }
         if (!escape) {
-            w.put(uint32_t(c[value]), uint32_t(c[value + 1] - c[value]));
+            w.put(x, c[value]);
             continue;
         }
         if (raw >> 32)
             throw ArgumentError("symbol " + std::to_string(symbols[i]) + " is too far outside its table to code");
         size_t k = 0;
-        steps[k++] = {uint32_t(c[max_value]), uint32_t(c[max_value + 1] - c[max_value])};
         uint32_t chunks = 0;
         while (chunks < kMaxBypassChunks && (raw >> (chunks * kBypassBits)) != 0) ++chunks;
         uint32_t count = chunks;
         while (count >= kBypassMax) {
-            steps[k++] = {kBypassMax, 0};
+            chunk[k++] = kBypassMax;
             count -= kBypassMax;
         }
-        steps[k++] = {count, 0};
-        for (uint32_t j = 0; j < chunks; ++j) steps[k++] = {uint32_t(raw >> (j * kBypassBits)) & kBypassMax, 0};
-        while (k-- > 0) {
-            if (steps[k].freq) w.put(steps[k].start, steps[k].freq);
-            else w.put_bits(steps[k].start);
-        }
+        chunk[k++] = count;
+        for (uint32_t j = 0; j < chunks; ++j) chunk[k++] = uint32_t(raw >> (j * kBypassBits)) & kBypassMax;
+        while (k-- > 0) w.put_bits(x, chunk[k]);
+        w.put(x, c[max_value]);
     }
-    return w.finish();
+    return w.finish(x);
 }
 
 // Decodes one string round by round. Every read is checked against the string's end, so any
@@ -230,26 +263,31 @@ public:
         std::lock_guard<std::mutex> lock(mutex_);
         if (failed_) throw StreamError("the decoder stopped at an error in an earlier round");
         failed_ = true;  // until this round succeeds
+        // The state in locals for the loop (see Writer); written back when the round succeeds.
+        Reader in{x_, pos_, data_.data(), data_.size()};
         const size_t rows = t.rows();
         for (size_t i = 0; i < n; ++i) {
             const int64_t index = int64_t(indexes[i]);
             if (index < 0 || uint64_t(index) >= rows)
                 throw ArgumentError("CDF index " + std::to_string(index) + " is outside the tables");
-            const int32_t* c = &t.cdf_[t.begin_[index]];
-            const uint32_t max_value = t.length_[index] - 2;
-            const uint32_t slot = uint32_t(x_) & (kTotal - 1);
+            const Tables::Row& row = t.rows_[index];
+            const int32_t* c = &t.cdf_[row.begin];
+            const uint32_t max_value = row.length - 2;
+            const uint32_t slot = uint32_t(in.x) & (kTotal - 1);
             uint32_t s = t.lookup_[(size_t(index) << Tables::kLookupBits) + (slot >> Tables::kLookupShift)];
             while (uint32_t(c[s + 1]) <= slot) ++s;  // ends: c[max_value + 1] = 2^16 > slot
             const uint32_t start = uint32_t(c[s]), freq = uint32_t(c[s + 1]) - start;
-            x_ = freq * (x_ >> kPrecision) + slot - start;
-            if (x_ < kLower) refill();
+            in.x = freq * (in.x >> kPrecision) + slot - start;
+            if (in.x < kLower) in.refill();
             int64_t value = s;
-            if (s == max_value) value = escape(max_value);
-            value += t.offset_[index];
+            if (s == max_value) value = in.escape(max_value);
+            value += row.offset;
             if (value > max_abs_ || value < -max_abs_)
                 throw StreamError("entropy-coded string is corrupt (decoded an impossible value)");
             out[i] = int32_t(value);
         }
+        x_ = in.x;
+        pos_ = in.pos;
         failed_ = false;
     }
 
@@ -257,33 +295,40 @@ public:
     size_t size() const { return data_.size(); }
 
 private:
-    void refill() {
-        if (pos_ + 4 > data_.size()) throw StreamError("entropy-coded string is truncated or corrupt");
-        x_ = (x_ << 32) | detail::get_le32(&data_[pos_]);
-        pos_ += 4;
-    }
+    struct Reader {
+        uint64_t x;
+        size_t pos;
+        const uint8_t* data;
+        size_t size;
 
-    uint32_t bits() {
-        const uint32_t chunk = uint32_t(x_) & kBypassMax;
-        x_ >>= kBypassBits;
-        if (x_ < kLower) refill();
-        return chunk;
-    }
-
-    int64_t escape(uint32_t max_value) {
-        uint32_t chunk = bits(), chunks = chunk;
-        while (chunk == kBypassMax) {
-            chunk = bits();
-            chunks += chunk;
-            if (chunks > kMaxBypassChunks) break;
+        void refill() {
+            if (pos + 4 > size) throw StreamError("entropy-coded string is truncated or corrupt");
+            x = (x << 32) | detail::get_le32(data + pos);
+            pos += 4;
         }
-        if (chunks > kMaxBypassChunks)
-            throw StreamError("entropy-coded string is corrupt (an escape code longer than 32 bits)");
-        uint64_t raw = 0;
-        for (uint32_t j = 0; j < chunks; ++j) raw |= uint64_t(bits()) << (j * kBypassBits);
-        const int64_t half = int64_t(raw >> 1);
-        return (raw & 1) ? -half - 1 : half + max_value;
-    }
+
+        uint32_t bits() {
+            const uint32_t chunk = uint32_t(x) & kBypassMax;
+            x >>= kBypassBits;
+            if (x < kLower) refill();
+            return chunk;
+        }
+
+        int64_t escape(uint32_t max_value) {
+            uint32_t chunk = bits(), chunks = chunk;
+            while (chunk == kBypassMax) {
+                chunk = bits();
+                chunks += chunk;
+                if (chunks > kMaxBypassChunks) break;
+            }
+            if (chunks > kMaxBypassChunks)
+                throw StreamError("entropy-coded string is corrupt (an escape code longer than 32 bits)");
+            uint64_t raw = 0;
+            for (uint32_t j = 0; j < chunks; ++j) raw |= uint64_t(bits()) << (j * kBypassBits);
+            const int64_t half = int64_t(raw >> 1);
+            return (raw & 1) ? -half - 1 : half + max_value;
+        }
+    };
 
     std::vector<uint8_t> data_;
     size_t pos_ = 0;

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -32,7 +33,10 @@ public:
             const float lo = from_bits(b << 16);
             while (count < bounds_.size() && bounds_[count] < lo) ++count;
             lookup_[b] = uint8_t(count);
+            if (b) steps_ = std::max<size_t>(steps_, lookup_[b] - lookup_[b - 1]);
         }
+        // a bucket holds at most steps_ bounds (+inf's bucket none); +inf behind them stops every walk
+        bounds_.resize(bounds_.size() + steps_ + 1, INFINITY);
     }
 
     uint8_t operator()(float scale) const {
@@ -42,7 +46,9 @@ public:
         if (magnitude > 0x7F800000u) return last_;  // NaN, either sign
         if (bits >> 31) return 0;                   // negative or -0: below every bound
         size_t i = lookup_[bits >> 16];             // +inf has bucket 0x7F80, in range
-        while (i < bounds_.size() && bounds_[i] < scale) ++i;
+        // the bounds below the scale in its bucket, counted without a branch to mispredict
+        // (a scale table's entries are far apart: steps_ is 1 for any model's)
+        for (size_t k = 0; k < steps_; ++k) i += bounds_[i] < scale;
         return uint8_t(i);
     }
 
@@ -59,8 +65,9 @@ private:
         return f;
     }
 
-    std::vector<float> bounds_;  // table[:-1]
+    std::vector<float> bounds_;  // table[:-1], then steps_ + 1 times +inf
     uint8_t last_;
+    size_t steps_ = 1;  // the most bounds in one bucket
     std::vector<uint8_t> lookup_;
 };
 
