@@ -26,8 +26,9 @@ from osdiff.config import ModelConfig
 
 # Activation peak x margin (eager PyTorch's allocator and kernels' own workspaces; ONNX Runtime's
 # arena, one for all sessions: runtime/backends/onnxruntime_backend.py). Measured side by side in
-# benchmarks/memory.py: demo config, 1 MP, peak 1.18 GB PyTorch and 1.13 GB ONNX Runtime.
-MARGIN = {"torch": 1.3, "onnxruntime": 1.3, "tensorrt": 1.3}
+# benchmarks/memory.py: demo config, 1 MP, peaks of 1.18 to 1.26 GB in PyTorch between runs (1.3
+# fell 2 % short once) and 1.13 GB in ONNX Runtime; tests/test_memory.py holds both under it.
+MARGIN = {"torch": 1.5, "onnxruntime": 1.5, "tensorrt": 1.3}
 GB = 1024**3
 
 
