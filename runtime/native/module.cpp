@@ -18,6 +18,14 @@ template <class T>
 using Vector = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Symbols = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>;
 
+// A numpy array that owns `data` (allocated with new[]), of the given shape.
+template <class T>
+static nb::ndarray<nb::numpy, T> owned(std::unique_ptr<T[]> data, size_t ndim, const size_t* shape) {
+    T* p = data.release();
+    nb::capsule owner(p, [](void* q) noexcept { delete[] static_cast<T*>(q); });
+    return nb::ndarray<nb::numpy, T>(p, ndim, shape, owner);
+}
+
 template <class I>
 static nb::bytes encode(Vector<int32_t> symbols, Vector<I> indexes, const rans::Tables& tables) {
     if (symbols.shape(0) != indexes.shape(0)) throw rans::ArgumentError("symbols and indexes differ in size");
@@ -37,9 +45,7 @@ static Symbols decode(rans::Decoder& decoder, Vector<I> indexes, const rans::Tab
         nb::gil_scoped_release release;
         decoder.decode(indexes.data(), n, tables, out.get());
     }
-    int32_t* data = out.release();
-    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
-    return Symbols(data, {n}, owner);
+    return Symbols(owned(std::move(out), 1, &n));
 }
 
 static nb::ndarray<nb::numpy, uint8_t> scale_indexes(const rans::ScaleIndex& index,
@@ -52,9 +58,7 @@ static nb::ndarray<nb::numpy, uint8_t> scale_indexes(const rans::ScaleIndex& ind
     }
     std::vector<size_t> shape(scales.ndim());
     for (size_t d = 0; d < shape.size(); ++d) shape[d] = scales.shape(d);
-    uint8_t* data = out.release();
-    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
-    return nb::ndarray<nb::numpy, uint8_t>(data, shape.size(), shape.data(), owner);
+    return owned(std::move(out), shape.size(), shape.data());
 }
 
 using Latent = nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
@@ -83,11 +87,7 @@ static nb::tuple quantize_half(Latent y, Latent means, Latent scales, const rans
         rans::quantize_half(h, y.data(), means.data(), scales.data(), scale_index, max_abs, symbols.get(),
                             indexes.get(), y_hat.data());
     }
-    int32_t* s = symbols.release();
-    uint8_t* i = indexes.release();
-    nb::capsule s_owner(s, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
-    nb::capsule i_owner(i, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
-    return nb::make_tuple(Symbols(s, {n}, s_owner), nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(i, {n}, i_owner));
+    return nb::make_tuple(Symbols(owned(std::move(symbols), 1, &n)), owned(std::move(indexes), 1, &n));
 }
 
 static Symbols dequantize_half(rans::Decoder& decoder, const rans::Tables& tables, Latent means, Latent scales,
@@ -99,9 +99,7 @@ static Symbols dequantize_half(rans::Decoder& decoder, const rans::Tables& table
         nb::gil_scoped_release release;
         rans::dequantize_half(h, decoder, tables, means.data(), scales.data(), scale_index, out.get(), y_hat.data());
     }
-    int32_t* data = out.release();
-    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
-    return Symbols(data, {n}, owner);
+    return Symbols(owned(std::move(out), 1, &n));
 }
 
 NB_MODULE(_rans, m) {
