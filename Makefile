@@ -69,7 +69,7 @@ sanitize: install
 	    LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	    ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1; \
 	$(BIN)/python -c "from osdiff.runtime.coder import native; assert native().sanitized; print('sanitized coder:', native().__file__)" && \
-	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_coder.py tests/test_entropy.py && \
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_coder.py tests/test_entropy.py tests/test_latent_codec.py && \
 	$(BIN)/python tests/fuzz_streams.py --cases 20000
 
 # What the lent GPU machine lacks (wheels, the original implementation, golden checkpoints), in

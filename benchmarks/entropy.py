@@ -10,9 +10,10 @@ counted too (the "other" column).
 
 Three paths: "ours" is our latent codec with the native coder (the default), where each round
 outside the networks is one native call (runtime/native/checkerboard.hpp: quantization or
-decoding, scale -> index, checkerboard layout), so its index time shows in the coder column on
-decode; "ours+cai" the same loop with CompressAI's coder (`use_coder("compressai")`; decoding
-then takes the tensor path that CUDA runs); "naive" the reference's way.
+decoding, scale -> index, checkerboard layout): encoding rounds show as index time, the rANS
+encoding of the whole image as coder time; decoding rounds, which decode too, as coder time.
+"ours+cai" is the same loop with CompressAI's coder (`use_coder("compressai")`; decoding then
+takes the tensor path that CUDA runs); "naive" the reference's way.
 The coder column divided by the symbols is each coder's time per symbol as the loop sees it
 (for CompressAI's coder that includes its bindings' list conversions, which are the price of
 calling it).

@@ -183,7 +183,8 @@ def _check_indexes(indexes: np.ndarray, tables: CdfTables) -> int:
 
 class Encoder:
     """Collects symbols group by group, then writes one rANS string (rANS codes in reverse, so
-    nothing is written before the last group is known)."""
+    nothing is written before the last group is known). Groups are held, not copied, until
+    flush(): callers must not change the arrays they gave."""
 
     def __init__(self, coder: str | None = None) -> None:
         self.coder = coder or _coder
@@ -214,17 +215,22 @@ class Encoder:
         tables."""
         if self._tables is None:
             raise ValueError("nothing to encode")
-        pad = max(0, MIN_SYMBOLS - self.count)
-        symbols = np.concatenate(self._symbols + [np.zeros(pad, np.int32)])
-        indexes = np.concatenate(self._indexes + [np.zeros(pad, self._indexes[0].dtype)])  # padding: index 0
-        if int(symbols.min()) < -MAX_ABS_SYMBOL or int(symbols.max()) > MAX_ABS_SYMBOL:
-            raise ValueError("latent value out of range (not finite, or the model is broken)")
-        top = _check_indexes(indexes, self._tables) + 1  # the compressai coder only gets the rows it needs
-        t = self._tables
+        t, pad = self._tables, max(0, MIN_SYMBOLS - self.count)
+        indexes = self._indexes
+        if len({i.dtype for i in indexes}) > 1:
+            indexes = [i.astype(np.int32) for i in indexes]
+        symbols = self._symbols + [np.zeros(pad, np.int32)]
+        indexes = indexes + [np.zeros(pad, indexes[0].dtype)]  # padding: index 0
         if self.coder == "native":
-            return native().encode(symbols, indexes, t.native)
+            # the groups as they are (no concatenation), values checked while coding
+            return native().encode(symbols, indexes, t.native, MAX_ABS_SYMBOL)
+        all_symbols, all_indexes = np.concatenate(symbols), np.concatenate(indexes)
+        if int(all_symbols.min()) < -MAX_ABS_SYMBOL or int(all_symbols.max()) > MAX_ABS_SYMBOL:
+            raise ValueError("latent value out of range (not finite, or the model is broken)")
+        top = _check_indexes(all_indexes, t) + 1  # the compressai coder only gets the rows it needs
         encoder = ans.BufferedRansEncoder()
-        encoder.encode_with_indexes(symbols.tolist(), indexes.tolist(), t.cdfs[:top], t.lengths[:top], t.offsets[:top])
+        encoder.encode_with_indexes(all_symbols.tolist(), all_indexes.tolist(), t.cdfs[:top], t.lengths[:top],
+                                    t.offsets[:top])
         return bytes(encoder.flush())
 
 

@@ -62,42 +62,69 @@ def compress_latent(
     symbols = [z_symbols]
     # Slices are written into one y_hat in place: slice k's context is the view y_hat[:, :lo].
     y_hat = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+    rounds = _NativeRounds(y, y_hat) if bus.native else None
     for k, (lo, hi) in enumerate(cfg.lfgcm.slice_ranges):
         with trace(f"slice{k}.anchor.network"):
             out = runner.run(f"entropy_anchor_{k}", hyper, *([y_hat[:, :lo]] if k else []))
         scales, means = out[0], out[1]
         channel_ctx = out[2] if k else None
-        _code(encoder, bus, gaussian, y[:, lo:hi], scales, means, y_hat[:, lo:hi], symbols, trace, k, True)
+        _code(encoder, bus, rounds, gaussian, y, y_hat, lo, hi, scales, means, symbols, trace, k, True)
         with trace(f"slice{k}.nonanchor.network"):
             scales, means = runner.run(f"entropy_nonanchor_{k}", y_hat[:, lo:hi], hyper, *([channel_ctx] if k else []))
-        _code(encoder, bus, gaussian, y[:, lo:hi], scales, means, y_hat[:, lo:hi], symbols, trace, k, False)
+        _code(encoder, bus, rounds, gaussian, y, y_hat, lo, hi, scales, means, symbols, trace, k, False)
     with trace("y_coding"):
+        if rounds is not None:
+            encoder.encode(rounds.symbols[: rounds.at], rounds.indexes[: rounds.at], gaussian.tables)
         # the encoder may hold views of the bus's buffers until here; the next image reuses them
         y_string = encoder.flush()
     return CodedLatent(z_string, y_string, (z.shape[2], z.shape[3]), symbols), y_hat
 
 
-def _code(encoder: Encoder, bus: "_HostBus", gaussian: GaussianConditional, y_k: Tensor, scales: Tensor,
-          means: Tensor, y_hat_k: Tensor, symbols: list[np.ndarray], trace: Trace, k: int, anchor: bool) -> None:
-    """One round, the mirror of _decode: codes one checkerboard half of slice k and writes into
-    y_hat_k (1 x C x H x W) what the decoder will reconstruct there. On the CPU in one native
-    call (runtime/native/checkerboard.hpp), elsewhere as tensor code; the two agree bit for bit."""
+class _NativeRounds:
+    """The encoder's rounds on the CPU, one native call each (runtime/native/checkerboard.hpp):
+    y and y_hat as arrays, and one symbol and one index buffer for the whole image that each
+    round fills its part of, so that Python does next to nothing per round and the rANS
+    encoder gets the image as one group."""
+
+    def __init__(self, y: Tensor, y_hat: Tensor) -> None:
+        self.y, self.y_hat = _array(y), y_hat[0].numpy()
+        self.symbols = np.empty(self.y.size, np.int32)
+        self.indexes = np.empty(self.y.size, np.uint8)
+        self.at = 0
+
+    def quantize(self, gaussian: GaussianConditional, lo: int, hi: int, means: Tensor, scales: Tensor,
+                 anchor: bool) -> np.ndarray:
+        """One round of channels lo:hi -> its symbols (a view of the image's buffer)."""
+        means, scales = _array(means), _array(scales)
+        n = means.size
+        symbols, indexes = self.symbols[self.at : self.at + n], self.indexes[self.at : self.at + n]
+        native().quantize_half(self.y[lo:hi], means, scales, gaussian.scale_index, MAX_ABS_SYMBOL, anchor,
+                               self.y_hat[lo:hi], symbols, indexes)
+        self.at += n
+        return symbols
+
+
+def _code(encoder: Encoder, bus: "_HostBus", rounds: _NativeRounds | None, gaussian: GaussianConditional, y: Tensor,
+          y_hat: Tensor, lo: int, hi: int, scales: Tensor, means: Tensor, symbols: list[np.ndarray], trace: Trace,
+          k: int, anchor: bool) -> None:
+    """One round, the mirror of _decode: codes one checkerboard half of slice k (channels lo:hi)
+    and writes into y_hat what the decoder will reconstruct there. On the CPU in one native
+    call (_NativeRounds), elsewhere as tensor code; the two agree bit for bit."""
     half = "anchor" if anchor else "nonanchor"
+    if rounds is not None:
+        with trace(f"slice{k}.{half}.index"):  # the coding itself is in y_coding, the image at once
+            symbols.append(rounds.quantize(gaussian, lo, hi, means, scales, anchor))
+        return
+    y_k, y_hat_k = y[:, lo:hi], y_hat[:, lo:hi]
     with trace(f"slice{k}.{half}.index"):
-        if bus.native:
-            sym, idx = native().quantize_half(_array(y_k), _array(means), _array(scales), gaussian.scale_index,
-                                              MAX_ABS_SYMBOL, anchor, y_hat_k[0].numpy())
-        else:
-            values = squeeze_anchor(y_k) if anchor else squeeze_nonanchor(y_k)
-            q = torch.round(values - means)
-            sym, idx = bus.to_host(q.to(torch.int32), gaussian.build_indexes(scales).to(torch.uint8))
+        values = squeeze_anchor(y_k) if anchor else squeeze_nonanchor(y_k)
+        q = torch.round(values - means)
+        sym, idx = bus.to_host(q.to(torch.int32), gaussian.build_indexes(scales).to(torch.uint8))
     with trace(f"slice{k}.{half}.coder"):
         encoder.encode(sym, idx, gaussian.tables)
     with trace(f"slice{k}.{half}.index"):
         symbols.append(sym.copy() if bus.cuda else sym)  # the check value is computed after the bus is reused
-        if not bus.native:
-            values = q + means
-            y_hat_k.copy_(unsqueeze_anchor(values) if anchor else y_hat_k + unsqueeze_nonanchor(values))
+        y_hat_k.copy_(unsqueeze_anchor(q + means) if anchor else y_hat_k + unsqueeze_nonanchor(q + means))
 
 
 def decompress_latent(
@@ -149,8 +176,9 @@ def _decode(decoder: Decoder, bus: "_HostBus", gaussian: GaussianConditional, sc
 
 
 def _array(t: Tensor) -> np.ndarray:
-    """A CPU tensor of one image (1 x C x H x W) -> a C-contiguous float32 (C, H, W) array."""
-    return np.ascontiguousarray(t[0].detach().float().numpy())
+    """A CPU tensor of one image (1 x C x H x W) -> a C-contiguous float32 (C, H, W) array (a view
+    when it is one already: this runs several times per coding round)."""
+    return np.ascontiguousarray(t.detach().numpy()[0], dtype=np.float32)
 
 
 def _upload(t: Tensor, device: torch.device) -> Tensor:

@@ -182,7 +182,7 @@ def test_raw_coders_agree_far_beyond_the_engine_symbol_limit():
     cai = ans.BufferedRansEncoder()
     cai.encode_with_indexes(sym.tolist(), idx.tolist(), tables.cdfs, tables.lengths, tables.offsets)
     theirs = bytes(cai.flush())
-    ours = native().encode(sym, idx, tables.native)
+    ours = native().encode([sym], [idx], tables.native, 1 << 30)
     assert ours == theirs
     np.testing.assert_array_equal(native().Decoder(ours, 1 << 31).decode(idx, tables.native), sym)
     dec = ans.RansDecoder()
@@ -268,11 +268,16 @@ def test_native_tables_and_coder_refuse_what_would_read_out_of_bounds(gaussian):
         n.Tables(broken, lengths, offsets)
     with pytest.raises(ValueError, match="one length and one offset"):
         n.Tables(cdf, lengths[:-1], offsets)
-    with pytest.raises(ValueError, match="outside the tables"):
-        n.encode(np.zeros(3, np.int32), np.array([0, 64, 0], np.int32), gaussian.tables.native)
+    zeros = np.zeros(3, np.int32)
+    with pytest.raises(ValueError, match="CDF index 64 out of range"):
+        n.encode([zeros, zeros], [zeros, np.array([0, 64, 0], np.int32)], gaussian.tables.native, 10)
+    with pytest.raises(ValueError, match="latent value out of range"):
+        n.encode([zeros, np.array([0, 11, 0], np.int32)], [zeros, zeros], gaussian.tables.native, 10)
     with pytest.raises(ValueError, match="differ in size"):
-        n.encode(np.zeros(3, np.int32), np.zeros(2, np.int32), gaussian.tables.native)
-    string = n.encode(np.zeros(3, np.int32), np.zeros(3, np.int32), gaussian.tables.native)
+        n.encode([zeros], [np.zeros(2, np.int32)], gaussian.tables.native, 10)
+    with pytest.raises(ValueError, match="one index array per symbol array"):
+        n.encode([zeros, zeros], [zeros], gaussian.tables.native, 10)
+    string = n.encode([zeros], [zeros], gaussian.tables.native, 10)
     with pytest.raises(ValueError, match="outside the tables"):
         n.Decoder(string, 100).decode(np.array([-1], np.int32), gaussian.tables.native)
     # no implicit casts, which would wrap values into range
@@ -280,7 +285,9 @@ def test_native_tables_and_coder_refuse_what_would_read_out_of_bounds(gaussian):
                              (np.zeros(3, np.int32), np.array([0, 300, 1])),
                              (np.zeros(6, np.int32)[::2], np.zeros(3, np.int32))]:
         with pytest.raises(TypeError):
-            n.encode(symbols, indexes, gaussian.tables.native)
+            n.encode([symbols], [indexes], gaussian.tables.native, 1 << 20)
+    with pytest.raises(TypeError):  # one index type for all groups
+        n.encode([zeros, zeros], [zeros, zeros.astype(np.uint8)], gaussian.tables.native, 10)
     with pytest.raises(TypeError):
         n.Decoder(string, 100).decode(np.array([0, 300]), gaussian.tables.native)
     with pytest.raises(TypeError):

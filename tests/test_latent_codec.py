@@ -46,6 +46,15 @@ def tensor_round(gaussian, y, means, scales, y_hat, anchor: bool) -> tuple[np.nd
     return q.to(torch.int32).reshape(-1).numpy(), gaussian.build_indexes(scales).reshape(-1).numpy()
 
 
+def native_round(gaussian, y, means, scales, y_hat, anchor: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The native round, with output buffers of its own."""
+    n = means.numel()
+    sym, idx = np.full(n, 99, np.int32), np.full(n, 99, np.uint8)
+    native().quantize_half(y[0].numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index, MAX_ABS_SYMBOL,
+                           anchor, y_hat[0].numpy(), sym, idx)
+    return sym, idx
+
+
 def bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int32).numpy()  # -0.0 and 0.0 differ here
 
@@ -56,8 +65,7 @@ def test_native_round_is_the_tensor_code_bit_for_bit(gaussian, seed):
     _, means_n, scales_n = round_inputs(seed + 100)
     ours, theirs = torch.full_like(y, 7.0), torch.full_like(y, 7.0)  # whatever was there before is overwritten
     for anchor, means, scales in ((True, means_a, scales_a), (False, means_n, scales_n)):
-        sym, idx = native().quantize_half(y[0].numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index,
-                                          MAX_ABS_SYMBOL, anchor, ours[0].numpy())
+        sym, idx = native_round(gaussian, y, means, scales, ours, anchor)
         sym_t, idx_t = tensor_round(gaussian, y, means, scales, theirs, anchor)
         np.testing.assert_array_equal(sym, sym_t)
         np.testing.assert_array_equal(idx, idx_t)
@@ -65,8 +73,7 @@ def test_native_round_is_the_tensor_code_bit_for_bit(gaussian, seed):
     # and the decoder's round puts back the same y_hat from the coded string
     enc = Encoder("native")
     for anchor, means, scales in ((True, means_a, scales_a), (False, means_n, scales_n)):
-        sym, idx = native().quantize_half(y[0].numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index,
-                                          MAX_ABS_SYMBOL, anchor, torch.empty_like(y)[0].numpy())
+        sym, idx = native_round(gaussian, y, means, scales, torch.empty_like(y), anchor)
         enc.encode(sym, idx, gaussian.tables)
     dec = Decoder(enc.flush(), gaussian.tables, y.numel())
     decoded = torch.full_like(y, -7.0)
@@ -82,18 +89,19 @@ def test_native_round_refuses_what_it_cannot_code(gaussian):
         y_bad = y.clone()
         y_bad.view(-1)[3] = bad
         with pytest.raises(ValueError, match="latent value out of range"):
-            native().quantize_half(y_bad[0].numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index,
-                                   MAX_ABS_SYMBOL, True, y_hat[0].numpy())
+            native_round(gaussian, y_bad, means, scales, y_hat, True)
     with pytest.raises(ValueError, match=r"\(C, H, W/2\)"):
-        native().quantize_half(y[0].numpy(), means[0, :, :, :3].contiguous().numpy(), scales[0].numpy(),
-                               gaussian.scale_index, MAX_ABS_SYMBOL, True, y_hat[0].numpy())
+        native_round(gaussian, y, means[:, :, :, :3].contiguous(), scales, y_hat, True)
     odd = torch.zeros(1, 5, 6, 7)
     with pytest.raises(ValueError, match="width must be even"):
-        native().quantize_half(odd[0].numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index,
-                               MAX_ABS_SYMBOL, True, odd[0].numpy())
+        native_round(gaussian, odd, means, scales, odd, True)
     with pytest.raises(TypeError):  # float64: refused, never converted behind the caller's back
-        native().quantize_half(y[0].double().numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index,
-                               MAX_ABS_SYMBOL, True, y_hat[0].numpy())
+        native_round(gaussian, y.double(), means, scales, y_hat, True)
+    n = means.numel()
+    for sym, idx in ((np.empty(n - 1, np.int32), np.empty(n, np.uint8)), (np.empty(n, np.int32), np.empty(n + 1, np.uint8))):
+        with pytest.raises(ValueError, match="must hold the half's"):
+            native().quantize_half(y[0].numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index,
+                                   MAX_ABS_SYMBOL, True, y_hat[0].numpy(), sym, idx)
 
 
 def test_native_decoding_round_on_a_corrupt_string_raises(gaussian):

@@ -20,10 +20,14 @@ def test_profile_reports_every_stage(tiny_model, tiny_image):
         assert stage in enc, stage
     for stage in ("parse", "z_coding", "hyper_synthesis", "synthesis", "noise", "denoiser", "vae_decoder", "download"):
         assert stage in dec, stage
-    for k in range(3):  # each entropy round split into network, index and coder time; on the
-        for half in ("anchor", "nonanchor"):  # CPU a decoding round is one native call: "coder"
-            for part in ("network", "index", "coder"):
+    # each entropy round split into network and coding time. On the CPU a round is one native
+    # call: an encoding round quantizes and indexes ("index"; the image's symbols are coded at
+    # once in y_coding), a decoding round decodes too ("coder").
+    for k in range(3):
+        for half in ("anchor", "nonanchor"):
+            for part in ("network", "index"):
                 assert f"slice{k}.{half}.{part}" in enc
+            assert f"slice{k}.{half}.coder" not in enc
             for part in ("network", "coder"):
                 assert f"slice{k}.{half}.{part}" in dec
     for stats in [p.encode, p.decode, *enc.values(), *dec.values()]:
@@ -39,7 +43,7 @@ def test_profile_command_writes_json_and_a_chrome_trace(tmp_path):
                                        "--warmup", "1", "--runs", "2", "--json", str(tmp_path / "p.json"),
                                        "--trace", str(tmp_path / "t.json")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "encode (bytes/pixels, synchronized)" in result.output and "slice1.nonanchor.coder" in result.output
+    assert "encode (bytes/pixels, synchronized)" in result.output and "slice1.nonanchor.index" in result.output
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["backend"] == "torch" and data["runs"] == 2 and data["height"] == 128
     assert data["decode"]["median_ms"] > 0 and "denoiser" in data["decode_stages"]

@@ -14,7 +14,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "rans.hpp"
 #include "scale_index.hpp"
@@ -48,72 +47,74 @@ struct Half {
 // after the non-anchor round (the sum anchor_hat + unsqueeze_nonanchor(values)). Adding +0.0
 // is kept for what it does to -0.0.
 template <bool Anchor>
-inline void write_row(const float* __restrict values, float* __restrict mine, float* __restrict other, size_t n) {
-    for (size_t j = 0; j < n; ++j) {
-        mine[2 * j] = Anchor ? values[j] : 0.0f + values[j];
-        other[2 * j] = Anchor ? 0.0f : other[2 * j] + 0.0f;
-    }
+inline void write_entry(float value, float& mine, float& other) {
+    mine = Anchor ? value : 0.0f + value;
+    other = Anchor ? 0.0f : other + 0.0f;
 }
 
-// One row of the encoder's round: q = round(y - means), its symbols, and q + means into
-// `values`. Returns whether a |q| exceeded the limit or was not finite (its symbol is then 0).
+// One row of the encoder's round: q = round(y - means), its symbols, and q + means into y_hat's
+// row (mine, other as in write_entry). Returns whether a |q| exceeded the limit or was not
+// finite (its symbol is then 0).
+template <bool Anchor>
 inline bool quantize_row(const float* __restrict y, const float* __restrict means, float limit,
-                         int32_t* __restrict symbols, float* __restrict values, size_t n) {
+                         int32_t* __restrict symbols, float* __restrict mine, float* __restrict other, size_t n) {
     int bad = 0;
     for (size_t j = 0; j < n; ++j) {
         const float q = round_half_even(y[2 * j] - means[j]);
         const int out = !(std::fabs(q) <= limit);  // NaN too
         bad |= out;
         symbols[j] = int32_t(out ? 0.0f : q);
-        values[j] = q + means[j];
+        write_entry<Anchor>(q + means[j], mine[2 * j], other[2 * j]);
     }
     return bad != 0;
 }
 
 template <bool Anchor>
-inline void write_half(const Half& h, const float* values, float* y_hat) {
+inline bool quantize_half(const Half& h, const float* y, const float* means, float limit, int32_t* symbols,
+                          float* y_hat) {
     const size_t half_width = h.width / 2;
+    bool bad = false;
     for (size_t cr = 0; cr < h.channels * h.height; ++cr) {
+        const size_t i = cr * half_width, f = h.first(cr % h.height);
         float* row = y_hat + cr * h.width;
-        const size_t f = h.first(cr % h.height);
-        write_row<Anchor>(values + cr * half_width, row + f, row + (1 - f), half_width);
+        bad |= quantize_row<Anchor>(y + cr * h.width + f, means + i, limit, symbols + i, row + f, row + (1 - f),
+                                    half_width);
     }
-}
-
-inline void write_half(const Half& h, const float* values, float* y_hat) {
-    h.anchor ? write_half<true>(h, values, y_hat) : write_half<false>(h, values, y_hat);
+    return bad;
 }
 
 // Encoder side: symbols = round(y - means) (to nearest, ties to even, as torch.round), indexes
 // = the scales' CDF rows, and y_hat's half = symbols + means. Throws ArgumentError if a symbol
-// is not finite or |symbol| > max_abs (a broken model or latent); y_hat is then not written.
+// is not finite or |symbol| > max_abs (a broken model or latent); y_hat's half is then partly
+// written (the encoder gives up on the image). The rows are mapped here, while the scales that
+// the network just wrote are still in the cache, not when the string is written.
 inline void quantize_half(const Half& h, const float* y, const float* means, const float* scales,
                           const ScaleIndex& scale_index, int64_t max_abs, int32_t* symbols, uint8_t* indexes,
                           float* y_hat) {
-    const size_t half_width = h.width / 2;
-    std::vector<float> values(h.size());
-    bool bad = false;
-    for (size_t cr = 0; cr < h.channels * h.height; ++cr) {
-        const size_t i = cr * half_width;
-        bad |= quantize_row(y + cr * h.width + h.first(cr % h.height), means + i, float(max_abs), symbols + i,
-                            values.data() + i, half_width);
-    }
+    const bool bad = h.anchor ? quantize_half<true>(h, y, means, float(max_abs), symbols, y_hat)
+                              : quantize_half<false>(h, y, means, float(max_abs), symbols, y_hat);
     if (bad) throw ArgumentError("latent value out of range (not finite, or the model is broken)");
     scale_index.map(scales, h.size(), indexes);
-    write_half(h, values.data(), y_hat);
+}
+
+template <bool Anchor>
+inline void dequantize_half(const Half& h, const int32_t* symbols, const float* means, float* y_hat) {
+    const size_t half_width = h.width / 2;
+    for (size_t cr = 0; cr < h.channels * h.height; ++cr) {
+        const size_t i = cr * half_width, f = h.first(cr % h.height);
+        float* row = y_hat + cr * h.width;
+        for (size_t j = 0; j < half_width; ++j)
+            write_entry<Anchor>(float(symbols[i + j]) + means[i + j], row[f + 2 * j], row[1 - f + 2 * j]);
+    }
 }
 
 // Decoder side: indexes from the scales, the next symbols from the decoder, y_hat's half =
 // symbols + means. Errors as Decoder::decode (y_hat is then not written).
 inline void dequantize_half(const Half& h, Decoder& decoder, const Tables& tables, const float* means,
                             const float* scales, const ScaleIndex& scale_index, int32_t* symbols, float* y_hat) {
-    const size_t n = h.size();
-    std::vector<uint8_t> indexes(n);
-    scale_index.map(scales, n, indexes.data());
-    decoder.decode(indexes.data(), n, tables, symbols);
-    std::vector<float> values(n);
-    for (size_t i = 0; i < n; ++i) values[i] = float(symbols[i]) + means[i];
-    write_half(h, values.data(), y_hat);
+    decoder.decode(scales, h.size(), tables, symbols,
+                   [&](const float* block, size_t n, int32_t* rows) { scale_index.map(block, n, rows); });
+    h.anchor ? dequantize_half<true>(h, symbols, means, y_hat) : dequantize_half<false>(h, symbols, means, y_hat);
 }
 
 }  // namespace rans

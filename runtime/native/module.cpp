@@ -3,6 +3,7 @@
 // loops run with the GIL released. runtime/coder.py is the only caller.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstring>
 #include <memory>
@@ -26,15 +27,29 @@ static nb::ndarray<nb::numpy, T> owned(std::unique_ptr<T[]> data, size_t ndim, c
     return nb::ndarray<nb::numpy, T>(p, ndim, shape, owner);
 }
 
+// The groups of symbols and table rows as rans::encode takes them.
 template <class I>
-static nb::bytes encode(Vector<int32_t> symbols, Vector<I> indexes, const rans::Tables& tables) {
-    if (symbols.shape(0) != indexes.shape(0)) throw rans::ArgumentError("symbols and indexes differ in size");
-    std::vector<uint8_t> out;
+static std::vector<rans::Group<I>> groups_of(const std::vector<Vector<int32_t>>& symbols,
+                                             const std::vector<Vector<I>>& indexes) {
+    if (symbols.size() != indexes.size()) throw rans::ArgumentError("need one index array per symbol array");
+    std::vector<rans::Group<I>> groups;
+    for (size_t g = 0; g < symbols.size(); ++g) {
+        if (symbols[g].shape(0) != indexes[g].shape(0)) throw rans::ArgumentError("symbols and indexes differ in size");
+        groups.push_back({symbols[g].data(), indexes[g].data(), symbols[g].shape(0)});
+    }
+    return groups;
+}
+
+template <class I>
+static nb::bytes encode(const std::vector<Vector<int32_t>>& symbols, const std::vector<Vector<I>>& indexes,
+                        const rans::Tables& tables, int64_t max_abs) {
+    const std::vector<rans::Group<I>> groups = groups_of(symbols, indexes);
+    std::vector<uint8_t> string;
     {
         nb::gil_scoped_release release;
-        out = rans::encode(symbols.data(), indexes.data(), symbols.shape(0), tables);
+        string = rans::encode(groups, tables, max_abs);
     }
-    return nb::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+    return nb::bytes(reinterpret_cast<const char*>(string.data()), string.size());
 }
 
 template <class I>
@@ -74,20 +89,19 @@ static rans::Half half_of(const LatentOut& y_hat, const Latent& means, const Lat
     return rans::Half{c, h, w, anchor};
 }
 
-static nb::tuple quantize_half(Latent y, Latent means, Latent scales, const rans::ScaleIndex& scale_index,
-                               int64_t max_abs, bool anchor, LatentOut y_hat) {
+template <class T>
+using Out = nb::ndarray<T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+static void quantize_half(Latent y, Latent means, Latent scales, const rans::ScaleIndex& scale_index, int64_t max_abs,
+                          bool anchor, LatentOut y_hat, Out<int32_t> symbols, Out<uint8_t> indexes) {
     const rans::Half h = half_of(y_hat, means, scales, anchor);
     if (y.shape(0) != h.channels || y.shape(1) != h.height || y.shape(2) != h.width)
         throw rans::ArgumentError("checkerboard: y and y_hat differ in shape");
-    const size_t n = h.size();
-    std::unique_ptr<int32_t[]> symbols(new int32_t[n ? n : 1]);
-    std::unique_ptr<uint8_t[]> indexes(new uint8_t[n ? n : 1]);
-    {
-        nb::gil_scoped_release release;
-        rans::quantize_half(h, y.data(), means.data(), scales.data(), scale_index, max_abs, symbols.get(),
-                            indexes.get(), y_hat.data());
-    }
-    return nb::make_tuple(Symbols(owned(std::move(symbols), 1, &n)), owned(std::move(indexes), 1, &n));
+    if (symbols.shape(0) != h.size() || indexes.shape(0) != h.size())
+        throw rans::ArgumentError("checkerboard: symbols and indexes must hold the half's C * H * W/2 entries");
+    nb::gil_scoped_release release;
+    rans::quantize_half(h, y.data(), means.data(), scales.data(), scale_index, max_abs, symbols.data(), indexes.data(),
+                        y_hat.data());
 }
 
 static Symbols dequantize_half(rans::Decoder& decoder, const rans::Tables& tables, Latent means, Latent scales,
@@ -132,12 +146,15 @@ NB_MODULE(_rans, m) {
 
     // Arrays are taken as they are (noconvert): an implicit cast would wrap an int64 index or
     // symbol into range without a word.
-    const char* encode_doc = "encode(symbols, indexes, tables) -> bytes: symbols (n,) int32 coded with the "
-                             "table rows indexes (n,) (uint8, uint16 or int32), in order. Arrays must be "
-                             "C-contiguous and of exactly these types.";
-    m.def("encode", &encode<uint8_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a, encode_doc);
-    m.def("encode", &encode<uint16_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a);
-    m.def("encode", &encode<int32_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a);
+    const char* encode_doc =
+        "encode(symbols, indexes, tables, max_abs) -> bytes: lists of groups, symbols[g] (n_g,) int32 coded with "
+        "the table rows indexes[g] (n_g,) (uint8, uint16 or int32, one type for all groups), group after group. "
+        "Arrays must be C-contiguous and of exactly these types. An index outside the tables or a |symbol| "
+        "over max_abs raises ValueError.";
+    m.def("encode", &encode<uint8_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a, "max_abs"_a,
+          encode_doc);
+    m.def("encode", &encode<uint16_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a, "max_abs"_a);
+    m.def("encode", &encode<int32_t>, "symbols"_a.noconvert(), "indexes"_a.noconvert(), "tables"_a, "max_abs"_a);
 
     nb::class_<rans::Decoder>(m, "Decoder", "Decodes one string round by round (not thread-safe).")
         .def(
@@ -170,10 +187,12 @@ NB_MODULE(_rans, m) {
              "scales: float32 array, any shape, C-contiguous -> uint8 indexes of the same shape.");
 
     m.def("quantize_half", &quantize_half, "y"_a.noconvert(), "means"_a.noconvert(), "scales"_a.noconvert(),
-          "scale_index"_a, "max_abs"_a, "anchor"_a, "y_hat"_a.noconvert(),
-          "quantize_half(y, means, scales, scale_index, max_abs, anchor, y_hat) -> (symbols (n,) int32, indexes "
-          "(n,) uint8): one checkerboard round (runtime/native/checkerboard.hpp): symbols = round(y - means) in "
-          "the half's squeezed order, their CDF rows, and symbols + means written into y_hat. y, y_hat: (C, H, W) "
-          "float32, y_hat written in place; means, scales: (C, H, W/2) float32; all C-contiguous. A |symbol| "
-          "over max_abs, or not finite, raises ValueError.");
+          "scale_index"_a, "max_abs"_a, "anchor"_a, "y_hat"_a.noconvert(), "symbols"_a.noconvert(),
+          "indexes"_a.noconvert(),
+          "quantize_half(y, means, scales, scale_index, max_abs, anchor, y_hat, symbols, indexes): one "
+          "checkerboard round (runtime/native/checkerboard.hpp): symbols = round(y - means) in the half's "
+          "squeezed order, their CDF rows into indexes, and symbols + means into y_hat. y, y_hat: (C, H, W) "
+          "float32; means, scales: (C, H, W/2) float32; symbols (n,) int32 and indexes (n,) uint8, n = C * H * "
+          "W/2; all C-contiguous, the last three written in place. A |symbol| over max_abs, or not finite, "
+          "raises ValueError.");
 }

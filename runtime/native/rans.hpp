@@ -22,6 +22,7 @@
 // compare it with compressai.ans both ways).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -51,6 +52,27 @@ struct StreamError : std::runtime_error {
 struct ArgumentError : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
+
+// One group of symbols and their table rows, as the encoder is given them.
+template <class I>
+struct Group {
+    const int32_t* symbols;
+    const I* indexes;
+    size_t size;
+};
+
+// What names a decoded symbol's table row, mapped to rows a block at a time: map(entries, n,
+// rows). The identity, for callers that give the rows themselves.
+struct Rows {
+    template <class I>
+    void operator()(const I* indexes, size_t n, int32_t* rows) const {
+        for (size_t i = 0; i < n; ++i) rows[i] = int32_t(indexes[i]);
+    }
+};
+
+// A block of rows is mapped just ahead of the decoding loop: in a loop of its own the mapping
+// runs at full speed on data in L1, and the decoding loop's chain of loads is one link shorter.
+constexpr size_t kRowBlock = 256;
 
 // Quantized CDF tables, validated once: rows flattened into one array, and for each row a
 // 256-bucket lookup from the top 8 bits of a 16-bit slot to the first symbol that can own it,
@@ -129,7 +151,7 @@ public:
 private:
     friend class Decoder;
     template <class I>
-    friend std::vector<uint8_t> encode(const int32_t*, const I*, size_t, const Tables&);
+    friend std::vector<uint8_t> encode(const std::vector<Group<I>>&, const Tables&, int64_t);
 
     std::vector<int32_t> cdf_;
     std::vector<EncodeSymbol> encode_;  // parallel to cdf_; a row's last entry is unused
@@ -191,50 +213,54 @@ private:
 
 }  // namespace detail
 
-// symbols[i] coded with table indexes[i]; returns the string. Throws ArgumentError for an
-// index outside the tables or a symbol whose escape value does not fit 32 bits.
+// The groups' symbols, in order, symbols[i] coded with table row indexes[i]; returns the
+// string. Throws ArgumentError for an index outside the tables or a |symbol| > max_abs (checked
+// here, on the way, rather than in extra passes over the arrays).
 template <class I>
-std::vector<uint8_t> encode(const int32_t* symbols, const I* indexes, size_t n, const Tables& t) {
-    detail::Writer w(n / 2 + 16);
+std::vector<uint8_t> encode(const std::vector<Group<I>>& groups, const Tables& t, int64_t max_abs) {
+    if (max_abs < 0) throw ArgumentError("max_abs must not be negative");
+    size_t total = 0;
+    for (const Group<I>& g : groups) total += g.size;
+    detail::Writer w(total / 2 + 16);
     uint64_t x = kLower;
+    const size_t rows = t.rows();
     // an escape's bypass chunks in decoding order: its count (chunks of 15, then < 15), its raw
     // value's chunks; they are coded before the escape symbol itself, which decodes first
     uint32_t chunk[1 + kMaxBypassChunks / kBypassMax + kMaxBypassChunks];
-    for (size_t i = n; i-- > 0;) {
-        const int64_t index = int64_t(indexes[i]);
-        if (index < 0 || uint64_t(index) >= t.rows())
-            throw ArgumentError("CDF index " + std::to_string(index) + " is outside the tables");
-        const Tables::Row& row = t.rows_[index];
-        const Tables::EncodeSymbol* c = &t.encode_[row.begin];
-        const int64_t max_value = int64_t(row.length) - 2;
-        int64_t value = int64_t(symbols[i]) - row.offset;
-        uint64_t raw = 0;
-        bool escape = false;
-        if (value < 0) {
-            raw = uint64_t(-2 * value - 1);
-            escape = true;
-        } else if (value >= max_value) {
-            raw = uint64_t(2 * (value - max_value));
-            escape = true;
+    for (size_t g = groups.size(); g-- > 0;) {
+        const int32_t* symbols = groups[g].symbols;
+        const I* indexes = groups[g].indexes;
+        for (size_t i = groups[g].size; i-- > 0;) {
+            const int64_t index = int64_t(indexes[i]), symbol = symbols[i];
+            if (index < 0 || uint64_t(index) >= rows)
+                throw ArgumentError("CDF index " + std::to_string(index) + " out of range: the tables have " +
+                                    std::to_string(rows) + " rows");
+            if (symbol > max_abs || symbol < -max_abs)
+                throw ArgumentError("latent value out of range (not finite, or the model is broken)");
+            const Tables::Row& row = t.rows_[index];
+            const Tables::EncodeSymbol* c = &t.encode_[row.begin];
+            const int64_t max_value = int64_t(row.length) - 2;
+            const int64_t value = symbol - row.offset;
+            if (value >= 0 && value < max_value) {
+                w.put(x, c[value]);
+                continue;
+            }
+            const uint64_t raw = value < 0 ? uint64_t(-2 * value - 1) : uint64_t(2 * (value - max_value));
+            if (raw >> 32)
+                throw ArgumentError("symbol " + std::to_string(symbol) + " is too far outside its table to code");
+            size_t k = 0;
+            uint32_t chunks = 0;
+            while (chunks < kMaxBypassChunks && (raw >> (chunks * kBypassBits)) != 0) ++chunks;
+            uint32_t count = chunks;
+            while (count >= kBypassMax) {
+                chunk[k++] = kBypassMax;
+                count -= kBypassMax;
+            }
+            chunk[k++] = count;
+            for (uint32_t j = 0; j < chunks; ++j) chunk[k++] = uint32_t(raw >> (j * kBypassBits)) & kBypassMax;
+            while (k-- > 0) w.put_bits(x, chunk[k]);
+            w.put(x, c[max_value]);
         }
-        if (!escape) {
-            w.put(x, c[value]);
-            continue;
-        }
-        if (raw >> 32)
-            throw ArgumentError("symbol " + std::to_string(symbols[i]) + " is too far outside its table to code");
-        size_t k = 0;
-        uint32_t chunks = 0;
-        while (chunks < kMaxBypassChunks && (raw >> (chunks * kBypassBits)) != 0) ++chunks;
-        uint32_t count = chunks;
-        while (count >= kBypassMax) {
-            chunk[k++] = kBypassMax;
-            count -= kBypassMax;
-        }
-        chunk[k++] = count;
-        for (uint32_t j = 0; j < chunks; ++j) chunk[k++] = uint32_t(raw >> (j * kBypassBits)) & kBypassMax;
-        while (k-- > 0) w.put_bits(x, chunk[k]);
-        w.put(x, c[max_value]);
     }
     return w.finish(x);
 }
@@ -254,10 +280,11 @@ public:
         pos_ = 8;
     }
 
-    // Decodes indexes.size() symbols into out. Throws ArgumentError for an index outside the
-    // tables, StreamError for a corrupt string; the decoder is then unusable.
-    template <class I>
-    void decode(const I* indexes, size_t n, const Tables& t, int32_t* out) {
+    // Decodes n symbols into out, symbol i with the table row that `map` gives for indexes[i]
+    // (see encode). Throws ArgumentError for a row outside the tables, StreamError for a corrupt
+    // string; the decoder is then unusable.
+    template <class I, class Map = Rows>
+    void decode(const I* indexes, size_t n, const Tables& t, int32_t* out, Map map = Map()) {
         // Callers release the GIL: two threads in one decoder take turns instead of racing on
         // its position.
         std::lock_guard<std::mutex> lock(mutex_);
@@ -266,25 +293,30 @@ public:
         // The state in locals for the loop (see Writer); written back when the round succeeds.
         Reader in{x_, pos_, data_.data(), data_.size()};
         const size_t rows = t.rows();
-        for (size_t i = 0; i < n; ++i) {
-            const int64_t index = int64_t(indexes[i]);
-            if (index < 0 || uint64_t(index) >= rows)
-                throw ArgumentError("CDF index " + std::to_string(index) + " is outside the tables");
-            const Tables::Row& row = t.rows_[index];
-            const int32_t* c = &t.cdf_[row.begin];
-            const uint32_t max_value = row.length - 2;
-            const uint32_t slot = uint32_t(in.x) & (kTotal - 1);
-            uint32_t s = t.lookup_[(size_t(index) << Tables::kLookupBits) + (slot >> Tables::kLookupShift)];
-            while (uint32_t(c[s + 1]) <= slot) ++s;  // ends: c[max_value + 1] = 2^16 > slot
-            const uint32_t start = uint32_t(c[s]), freq = uint32_t(c[s + 1]) - start;
-            in.x = freq * (in.x >> kPrecision) + slot - start;
-            if (in.x < kLower) in.refill();
-            int64_t value = s;
-            if (s == max_value) value = in.escape(max_value);
-            value += row.offset;
-            if (value > max_abs_ || value < -max_abs_)
-                throw StreamError("entropy-coded string is corrupt (decoded an impossible value)");
-            out[i] = int32_t(value);
+        int32_t block[kRowBlock];
+        for (size_t begin = 0; begin < n; begin += kRowBlock) {
+            const size_t end = std::min(n, begin + kRowBlock);
+            map(indexes + begin, end - begin, block);
+            for (size_t i = begin; i < end; ++i) {
+                const int64_t index = block[i - begin];
+                if (index < 0 || uint64_t(index) >= rows)
+                    throw ArgumentError("CDF index " + std::to_string(index) + " is outside the tables");
+                const Tables::Row& row = t.rows_[index];
+                const int32_t* c = &t.cdf_[row.begin];
+                const uint32_t max_value = row.length - 2;
+                const uint32_t slot = uint32_t(in.x) & (kTotal - 1);
+                uint32_t s = t.lookup_[(size_t(index) << Tables::kLookupBits) + (slot >> Tables::kLookupShift)];
+                while (uint32_t(c[s + 1]) <= slot) ++s;  // ends: c[max_value + 1] = 2^16 > slot
+                const uint32_t start = uint32_t(c[s]), freq = uint32_t(c[s + 1]) - start;
+                in.x = freq * (in.x >> kPrecision) + slot - start;
+                if (in.x < kLower) in.refill();
+                int64_t value = s;
+                if (s == max_value) value = in.escape(max_value);
+                value += row.offset;
+                if (value > max_abs_ || value < -max_abs_)
+                    throw StreamError("entropy-coded string is corrupt (decoded an impossible value)");
+                out[i] = int32_t(value);
+            }
         }
         x_ = in.x;
         pos_ = in.pos;
