@@ -163,12 +163,25 @@ class CdfTables:
         return native().Tables(*self.padded())
 
 
+def _int32_array(values: np.ndarray, what: str) -> np.ndarray:
+    """A flat int32 array of integers, refusing what a cast would change (floats, values beyond
+    int32) instead of wrapping or truncating them into range."""
+    values = np.asarray(values).reshape(-1)
+    if values.dtype == np.int32:
+        return np.ascontiguousarray(values)
+    if values.dtype.kind not in "iu" and values.size:
+        raise TypeError(f"{what} must be integers, not {values.dtype}")
+    if values.size and (int(values.min()) < -(1 << 31) or int(values.max()) >= 1 << 31):
+        raise ValueError(f"{what} out of range: beyond 32-bit integers")
+    return values.astype(np.int32)
+
+
 def _index_array(indexes: np.ndarray) -> np.ndarray:
     """A flat index array in a type both coders take without another copy where possible."""
     indexes = np.asarray(indexes).reshape(-1)
-    if indexes.dtype not in (np.uint8, np.uint16, np.int32):
-        indexes = indexes.astype(np.int32)
-    return np.ascontiguousarray(indexes)
+    if indexes.dtype in (np.uint8, np.uint16):
+        return np.ascontiguousarray(indexes)
+    return _int32_array(indexes, "CDF indexes")
 
 
 def _check_indexes(indexes: np.ndarray, tables: CdfTables) -> int:
@@ -198,7 +211,7 @@ class Encoder:
     def encode(self, symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> None:
         """symbols: any integer shape; indexes: CDF rows, the same number in the same order.
         Values are checked once for the whole string, by flush()."""
-        symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
+        symbols = _int32_array(symbols, "symbols")
         indexes = _index_array(indexes)
         if symbols.shape != indexes.shape:
             raise ValueError("symbols and indexes differ in size")
@@ -290,29 +303,31 @@ class Decoder:
             raise ValueError("dequantize_half needs the native coder")
         if means.size > self._remaining:
             raise ValueError("asked to decode more symbols than the stream was opened for")
-        self._remaining -= means.size
         try:
-            return self._native.dequantize_half(self._tables.native, means, scales, scale_index, anchor, y_hat)
+            symbols = self._native.dequantize_half(self._tables.native, means, scales, scale_index, anchor, y_hat)
         except native().StreamError as e:
             raise StreamError(str(e)) from None
+        self._remaining -= means.size  # only now: a call refused for its arguments decoded nothing
+        return symbols
 
     def decode(self, indexes: np.ndarray) -> np.ndarray:
         """indexes: the CDF rows of the next symbols, any shape -> those symbols, (n,) int32."""
         indexes = _index_array(indexes)
         if indexes.size > self._remaining:
             raise ValueError("asked to decode more symbols than the stream was opened for")
-        self._remaining -= indexes.size
         if self.coder == "native":
             try:
-                return self._native.decode(indexes, self._tables.native)
+                symbols = self._native.decode(indexes, self._tables.native)
             except native().StreamError as e:
                 raise StreamError(str(e)) from None
-        top = _check_indexes(indexes, self._tables) + 1
-        if top == 0:
-            return np.zeros(0, dtype=np.int32)
-        t = self._tables
-        out = self._decoder.decode_stream(indexes.tolist(), t.cdfs[:top], t.lengths[:top], t.offsets[:top])
-        symbols = np.fromiter(out, dtype=np.int32, count=indexes.size)
-        if symbols.min() < -MAX_ABS_SYMBOL or symbols.max() > MAX_ABS_SYMBOL:
-            raise StreamError("entropy-coded string is corrupt (decoded an impossible value)")
+        else:
+            top = _check_indexes(indexes, self._tables) + 1
+            if top == 0:
+                return np.zeros(0, dtype=np.int32)
+            t = self._tables
+            out = self._decoder.decode_stream(indexes.tolist(), t.cdfs[:top], t.lengths[:top], t.offsets[:top])
+            symbols = np.fromiter(out, dtype=np.int32, count=indexes.size)
+            if symbols.min() < -MAX_ABS_SYMBOL or symbols.max() > MAX_ABS_SYMBOL:
+                raise StreamError("entropy-coded string is corrupt (decoded an impossible value)")
+        self._remaining -= indexes.size  # only now: a call refused for its arguments decoded nothing
         return symbols

@@ -6,7 +6,8 @@ index mapping runs there too and only the arithmetic coding on the CPU: per roun
 (uint8) go to the coder and int32 symbols come back, through page-locked host buffers with one
 synchronization per round (`_HostBus`). On the CPU each round (quantize or decode one
 checkerboard half, index its scales, write it into y_hat) is one native call
-(runtime/native/checkerboard.hpp), bit for bit what the tensor code computes. Slices are
+(runtime/native/checkerboard.hpp), bit for bit what the tensor code computes, and the
+encoder's rANS coding is one call for the whole image after the last round. Slices are
 written into one y_hat in place, so no round copies the slices before it. Nothing walks the
 491,520 symbols of a 512x768 image in Python.
 
@@ -75,7 +76,7 @@ def compress_latent(
     with trace("y_coding"):
         if rounds is not None:
             encoder.encode(rounds.symbols[: rounds.at], rounds.indexes[: rounds.at], gaussian.tables)
-        # the encoder may hold views of the bus's buffers until here; the next image reuses them
+        # the encoder may hold views of the bus's buffers (CUDA) until here; the next image reuses them
         y_string = encoder.flush()
     return CodedLatent(z_string, y_string, (z.shape[2], z.shape[3]), symbols), y_hat
 

@@ -241,6 +241,15 @@ def test_encoder_refuses_bad_arguments(gaussian, coder):
     enc = Encoder(coder)
     with pytest.raises(ValueError, match="differ in size"):
         enc.encode(np.zeros(3, np.int32), np.zeros(4, np.int32), gaussian.tables)
+    # what a cast to int32 would change is refused, never wrapped or truncated into range
+    with pytest.raises(ValueError, match="symbols out of range"):
+        enc.encode(np.array([0, (1 << 32) + 5]), np.zeros(2, np.int32), gaussian.tables)
+    with pytest.raises(ValueError, match="CDF indexes out of range"):
+        enc.encode(np.zeros(2, np.int32), np.array([0, 1 << 32]), gaussian.tables)
+    with pytest.raises(TypeError, match="must be integers"):
+        enc.encode(np.array([0.0, 1.7]), np.zeros(2, np.int32), gaussian.tables)
+    with pytest.raises(TypeError, match="must be integers"):
+        enc.encode(np.zeros(2, np.int32), np.array([0.0, 1.7]), gaussian.tables)
     with pytest.raises(ValueError, match="nothing to encode"):
         enc.flush()
 
@@ -250,9 +259,12 @@ def test_decoder_refuses_bad_indexes_and_too_many_symbols(gaussian, coder):
     with pytest.raises(ValueError, match="out of range|outside the tables"):
         Decoder(string, gaussian.tables, 10).decode(np.array([0, 64], np.int32))
     dec = Decoder(string, gaussian.tables, 10)
+    with pytest.raises(TypeError):  # refused for its arguments: decodes nothing, counts nothing
+        dec.decode(np.zeros(6, np.float32))
     dec.decode(np.zeros(6, np.int32))
     with pytest.raises(ValueError, match="more symbols"):
         dec.decode(np.zeros(5, np.int32))
+    np.testing.assert_array_equal(dec.decode(np.zeros(4, np.int32)), np.zeros(4, np.int32))
 
 
 def test_native_tables_and_coder_refuse_what_would_read_out_of_bounds(gaussian):
@@ -292,6 +304,9 @@ def test_native_tables_and_coder_refuse_what_would_read_out_of_bounds(gaussian):
         n.Decoder(string, 100).decode(np.array([0, 300]), gaussian.tables.native)
     with pytest.raises(TypeError):
         n.ScaleIndex(gaussian.scale_table.numpy())(np.ones(3))  # float64
+    for table in ([-3.0, -2.0, -1.0, 1.0], [0.0, 1.0, 2.0], [1.0, 1.0, 2.0], [1.0, np.inf]):
+        with pytest.raises(ValueError, match="scale table"):
+            n.ScaleIndex(np.array(table, np.float32))
 
 
 @pytest.mark.parametrize("string", [b"", b"\x00" * 7, b"\x00" * 9, b"\xff" * 12, b"\x00" * 16])

@@ -98,10 +98,28 @@ def test_native_round_refuses_what_it_cannot_code(gaussian):
     with pytest.raises(TypeError):  # float64: refused, never converted behind the caller's back
         native_round(gaussian, y.double(), means, scales, y_hat, True)
     n = means.numel()
+    for max_abs in (-1, (1 << 30) + 1, 1 << 40):  # beyond 2**30 a |q| <= max_abs might not fit int32
+        with pytest.raises(ValueError, match="max_abs"):
+            native().quantize_half(y[0].numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index, max_abs,
+                                   True, y_hat[0].numpy(), np.empty(n, np.int32), np.empty(n, np.uint8))
     for sym, idx in ((np.empty(n - 1, np.int32), np.empty(n, np.uint8)), (np.empty(n, np.int32), np.empty(n + 1, np.uint8))):
         with pytest.raises(ValueError, match="must hold the half's"):
             native().quantize_half(y[0].numpy(), means[0].numpy(), scales[0].numpy(), gaussian.scale_index,
                                    MAX_ABS_SYMBOL, True, y_hat[0].numpy(), sym, idx)
+
+
+def test_a_refused_decoding_round_decodes_nothing(gaussian):
+    y, means, scales = round_inputs(2)
+    sym, idx = native_round(gaussian, y, means, scales, torch.empty_like(y), True)
+    enc = Encoder("native")
+    enc.encode(sym, idx, gaussian.tables)
+    dec = Decoder(enc.flush(), gaussian.tables, means.numel())
+    out = torch.empty_like(y)
+    with pytest.raises(ValueError, match=r"\(C, H, W/2\)"):
+        dec.dequantize_half(means[0, :, :, :3].contiguous().numpy(), scales[0].numpy(), gaussian.scale_index, True,
+                            out[0].numpy())
+    got = dec.dequantize_half(means[0].numpy(), scales[0].numpy(), gaussian.scale_index, True, out[0].numpy())
+    np.testing.assert_array_equal(got, sym)
 
 
 def test_native_decoding_round_on_a_corrupt_string_raises(gaussian):

@@ -33,6 +33,8 @@ inline float round_half_even(float x) {
     return a < kInteger ? r : x;  // from 2^23 on (and inf, NaN) x itself
 }
 
+constexpr int64_t kMaxAbsLimit = int64_t(1) << 30;
+
 struct Half {
     size_t channels, height, width;  // the full layout's; width even
     bool anchor;
@@ -91,6 +93,8 @@ inline bool quantize_half(const Half& h, const float* y, const float* means, flo
 inline void quantize_half(const Half& h, const float* y, const float* means, const float* scales,
                           const ScaleIndex& scale_index, int64_t max_abs, int32_t* symbols, uint8_t* indexes,
                           float* y_hat) {
+    if (max_abs < 0 || max_abs > kMaxAbsLimit)  // so that every |q| <= max_abs converts to int32 exactly
+        throw ArgumentError("max_abs must lie in [0, 2**30]");
     const bool bad = h.anchor ? quantize_half<true>(h, y, means, float(max_abs), symbols, y_hat)
                               : quantize_half<false>(h, y, means, float(max_abs), symbols, y_hat);
     if (bad) throw ArgumentError("latent value out of range (not finite, or the model is broken)");

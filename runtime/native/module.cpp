@@ -1,6 +1,7 @@
-// osdiff.runtime._rans: the rANS coder of rans.hpp over numpy arrays. Python never sees a
-// list: symbols and indexes come in as arrays, decoded symbols go out as one, and the coding
-// loops run with the GIL released. runtime/coder.py is the only caller.
+// osdiff.runtime._rans: the rANS coder of rans.hpp over numpy arrays. No symbol or index
+// passes through a Python list: they come in as arrays (the encoder takes a list of arrays,
+// one per group), decoded symbols go out as one, and the coding loops run with the GIL
+// released. runtime/coder.py and runtime/latent_codec.py are the only callers.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/vector.h>

@@ -184,7 +184,7 @@ class Writer {
 public:
     explicit Writer(size_t reserve) { words_.reserve(reserve); }
 
-    // Steps are pushed in decoding order, per symbol, and coded last symbol first.
+    // Called in encoding order, the last symbol first (see encode), as rANS requires.
     void put(uint64_t& x, const Tables::EncodeSymbol& s) {
         // emit a word if x would leave [L, 2^63); x_max = ((L >> precision) << 32) * freq
         if (x >= (uint64_t(s.freq) << (31 - kPrecision + 32))) emit(x);

@@ -22,12 +22,13 @@ namespace rans {
 
 class ScaleIndex {
 public:
-    // table: the scale table (2..256 finite, strictly increasing floats).
+    // table: the scale table (2..256 finite, positive, strictly increasing floats; the lookup
+    // counts no bound below a negative scale, which holds only for positive bounds).
     ScaleIndex(const float* table, size_t n) : bounds_(table, table + (n ? n - 1 : 0)), last_(uint8_t(n ? n - 1 : 0)) {
         if (n < 2 || n > 256) throw std::invalid_argument("scale table: need 2..256 entries");
         for (size_t i = 0; i < n; ++i)
-            if (!std::isfinite(table[i]) || (i && !(table[i] > table[i - 1])))
-                throw std::invalid_argument("scale table: entries must be finite and strictly increasing");
+            if (!std::isfinite(table[i]) || !(table[i] > 0.0f) || (i && !(table[i] > table[i - 1])))
+                throw std::invalid_argument("scale table: entries must be finite, positive and strictly increasing");
         // lookup_[b]: how many bounds are below the smallest float of prefix b; none below a
         // negative float (b >= 0x8000); NaNs (b > +inf's prefix, and some of +-inf's) are
         // selected apart
