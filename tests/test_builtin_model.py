@@ -70,7 +70,7 @@ def test_training_rate_estimate_matches_the_real_stream(builtin_codec):
     from safetensors.torch import load_file
 
     from osdiff.config import ModelConfig
-    from osdiff.training.evaluate import estimated_bpp
+    from osdiff.training.evaluate import ceilings, estimated_bpp
     from osdiff.training.objective import OSDiffTraining
 
     image = read_image(resources.files("osdiff") / "assets" / "demo.png")
@@ -80,6 +80,10 @@ def test_training_rate_estimate_matches_the_real_stream(builtin_codec):
     estimated = estimated_bpp(model, image, builtin_codec.cfg.pad_multiple)
     real = len(builtin_codec.compress(image)) * 8 / (image.shape[0] * image.shape[1])
     assert abs(real - estimated) <= 0.05 * estimated + 0.005, (real, estimated)
+    # the evaluation's ceilings: the trained autoencoder alone, and the control hint decoded
+    # without the denoiser, both far above what random weights give (about 8 dB)
+    vae, hint = ceilings(model, image, builtin_codec.cfg.pad_multiple)
+    assert vae >= 14.0 and hint >= 14.0, (vae, hint)
 
 
 @pytest.mark.slow
@@ -95,6 +99,7 @@ def test_builtin_recipe_runs_end_to_end(tmp_path):
     results = report_builtin(tmp_path, tmp_path / "results", log=lambda s: None)
     assert weights.stat().st_size <= 10 * 1024 * 1024
     assert len(results["held_out"]) == 3 and all(np.isfinite(r["bpp"]) for r in results["held_out"])
+    assert all(np.isfinite(r["vae_psnr"]) and np.isfinite(r["hint_psnr"]) for r in results["held_out"])
     assert (tmp_path / "results" / "demo_model_loss_curves.png").stat().st_size > 0
     again = train_builtin(tmp_path, recipe, log=lambda s: None)  # every stage done: nothing reruns
     assert again.read_bytes() == weights.read_bytes()

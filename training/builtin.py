@@ -191,7 +191,8 @@ def report_builtin(out: str | Path, results_dir: str | Path | None = None, log: 
         "recipe": json.loads((out / "recipe.json").read_text()),
         "held_out": [r.to_dict() for r in rows],
         "mean": {k: float(np.mean([getattr(r, k) for r in rows]))
-                 for k in ("bpp", "estimated_bpp", "psnr", "ms_ssim", "jpeg_bpp", "jpeg_psnr", "jpeg_ms_ssim")},
+                 for k in ("bpp", "estimated_bpp", "psnr", "ms_ssim", "jpeg_bpp", "jpeg_psnr", "jpeg_ms_ssim",
+                           "vae_psnr", "hint_psnr")},
     }
     timing = out / "timing.json"
     if timing.exists():

@@ -29,6 +29,10 @@ class Row:
     jpeg_bpp: float
     jpeg_psnr: float
     jpeg_ms_ssim: float
+    # where the quality goes, on the same padded image and real rounded latents: the frozen
+    # autoencoder alone, D(E(x)), and the control hint decoded without the denoiser, D(G_s(y_hat))
+    vae_psnr: float = float("nan")
+    hint_psnr: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +87,26 @@ def estimated_bpp(training_model, image: np.ndarray, pad_multiple: int) -> float
         return float(rate_loss(coding.q_likelihoods, h * w))
 
 
+def ceilings(training_model, image: np.ndarray, pad_multiple: int) -> tuple[float, float]:
+    """(PSNR of D(E(x)), PSNR of D(G_s(y_hat))) for `image`, zero-padded as the codec pads it
+    and cropped back: what the autoencoder alone and the LFGCM without the denoiser allow, the
+    ceilings of the whole decoder's PSNR."""
+    from osdiff.runtime.codec import image_to_tensor
+
+    x = image_to_tensor(image)
+    h, w = x.shape[2:]
+    hp, wp = -(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple
+    x = torch.nn.functional.pad(x, (0, wp - w, 0, hp - h))
+    decoder = training_model.stages["vae_decoder"]
+    training_model.eval()
+    with torch.no_grad():
+        y0 = training_model.encode(x)
+        hint = training_model.code_latent(y0).y_c
+        pixels = [(decoder(y)[0, :, :h, :w].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                  for y in (y0, hint)]
+    return psnr(image, pixels[0]), psnr(image, pixels[1])
+
+
 def evaluate(codec, training_model, images: dict[str, np.ndarray]) -> list[Row]:
     """codec: runtime.codec.Codec of the model; training_model: the same weights in an
     OSDiffTraining (for the estimated rate), or None."""
@@ -94,20 +118,23 @@ def evaluate(codec, training_model, images: dict[str, np.ndarray]) -> list[Row]:
         bpp = len(data) * 8 / (h * w)
         est = estimated_bpp(training_model, image, codec.cfg.pad_multiple) if training_model is not None else float("nan")
         q, jb, jpeg = jpeg_at_bpp(image, bpp)
+        vae, hint = ceilings(training_model, image, codec.cfg.pad_multiple) if training_model is not None else (
+            float("nan"), float("nan"))
         rows.append(Row(name, h, w, bpp, est, psnr(image, decoded), ms_ssim(image, decoded), q, jb,
-                        psnr(image, jpeg), ms_ssim(image, jpeg)))
+                        psnr(image, jpeg), ms_ssim(image, jpeg), vae, hint))
     return rows
 
 
 def table(rows: list[Row]) -> str:
     head = (f"{'image':<14}{'size':>10}{'bpp':>8}{'est.bpp':>9}{'PSNR':>8}{'MS-SSIM':>9}"
-            f"{'JPEG q':>8}{'JPEG bpp':>10}{'JPEG PSNR':>11}{'JPEG MS-SSIM':>14}")
+            f"{'JPEG q':>8}{'JPEG bpp':>10}{'JPEG PSNR':>11}{'JPEG MS-SSIM':>14}{'VAE PSNR':>10}{'hint PSNR':>11}")
     lines = [head]
     for r in rows:
         lines.append(f"{r.name:<14}{f'{r.width}x{r.height}':>10}{r.bpp:>8.3f}{r.estimated_bpp:>9.3f}{r.psnr:>8.2f}"
-                     f"{r.ms_ssim:>9.4f}{r.jpeg_quality:>8}{r.jpeg_bpp:>10.3f}{r.jpeg_psnr:>11.2f}{r.jpeg_ms_ssim:>14.4f}")
+                     f"{r.ms_ssim:>9.4f}{r.jpeg_quality:>8}{r.jpeg_bpp:>10.3f}{r.jpeg_psnr:>11.2f}{r.jpeg_ms_ssim:>14.4f}"
+                     f"{r.vae_psnr:>10.2f}{r.hint_psnr:>11.2f}")
     mean = lambda f: float(np.mean([getattr(r, f) for r in rows]))  # noqa: E731
     lines.append(f"{'mean':<14}{'':>10}{mean('bpp'):>8.3f}{mean('estimated_bpp'):>9.3f}{mean('psnr'):>8.2f}"
                  f"{mean('ms_ssim'):>9.4f}{'':>8}{mean('jpeg_bpp'):>10.3f}{mean('jpeg_psnr'):>11.2f}"
-                 f"{mean('jpeg_ms_ssim'):>14.4f}")
+                 f"{mean('jpeg_ms_ssim'):>14.4f}{mean('vae_psnr'):>10.2f}{mean('hint_psnr'):>11.2f}")
     return "\n".join(lines)
