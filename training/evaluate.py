@@ -71,16 +71,24 @@ def jpeg_at_bpp(image: np.ndarray, target_bpp: float) -> tuple[int, float, np.nd
     return q, b, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def estimated_bpp(training_model, image: np.ndarray, pad_multiple: int) -> float:
-    """The rate the training objective assigns to the rounded latents of `image` (zero-padded
-    as the codec pads it), per pixel of the unpadded image."""
+def _padded(image: np.ndarray, pad_multiple: int) -> torch.Tensor:
+    """The image as the codec feeds it: 1 x 3 x H' x W' in [0, 1], zero-padded at the bottom and
+    right to multiples of pad_multiple."""
     from osdiff.runtime.codec import image_to_tensor
-    from osdiff.training.objective import rate_loss
 
     x = image_to_tensor(image)
     h, w = x.shape[2:]
     hp, wp = -(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple
-    x = torch.nn.functional.pad(x, (0, wp - w, 0, hp - h))
+    return torch.nn.functional.pad(x, (0, wp - w, 0, hp - h))
+
+
+def estimated_bpp(training_model, image: np.ndarray, pad_multiple: int) -> float:
+    """The rate the training objective assigns to the rounded latents of `image` (zero-padded
+    as the codec pads it), per pixel of the unpadded image."""
+    from osdiff.training.objective import rate_loss
+
+    h, w = image.shape[:2]
+    x = _padded(image, pad_multiple)
     training_model.eval()
     with torch.no_grad():
         coding = training_model.code_latent(training_model.encode(x))
@@ -91,12 +99,8 @@ def ceilings(training_model, image: np.ndarray, pad_multiple: int) -> tuple[floa
     """(PSNR of D(E(x)), PSNR of D(G_s(y_hat))) for `image`, zero-padded as the codec pads it
     and cropped back: what the autoencoder alone and the LFGCM without the denoiser allow, the
     ceilings of the whole decoder's PSNR."""
-    from osdiff.runtime.codec import image_to_tensor
-
-    x = image_to_tensor(image)
-    h, w = x.shape[2:]
-    hp, wp = -(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple
-    x = torch.nn.functional.pad(x, (0, wp - w, 0, hp - h))
+    h, w = image.shape[:2]
+    x = _padded(image, pad_multiple)
     decoder = training_model.stages["vae_decoder"]
     training_model.eval()
     with torch.no_grad():
