@@ -99,6 +99,8 @@ def ceilings(training_model, image: np.ndarray, pad_multiple: int) -> tuple[floa
     """(PSNR of D(E(x)), PSNR of D(G_s(y_hat))) for `image`, zero-padded as the codec pads it
     and cropped back: what the autoencoder alone and the LFGCM without the denoiser allow, the
     ceilings of the whole decoder's PSNR."""
+    from osdiff.runtime.codec import tensor_to_image
+
     h, w = image.shape[:2]
     x = _padded(image, pad_multiple)
     decoder = training_model.stages["vae_decoder"]
@@ -106,8 +108,7 @@ def ceilings(training_model, image: np.ndarray, pad_multiple: int) -> tuple[floa
     with torch.no_grad():
         y0 = training_model.encode(x)
         hint = training_model.code_latent(y0).y_c
-        pixels = [(decoder(y)[0, :, :h, :w].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                  for y in (y0, hint)]
+        pixels = [tensor_to_image(decoder(y)[:, :, :h, :w]) for y in (y0, hint)]  # as the codec converts
     return psnr(image, pixels[0]), psnr(image, pixels[1])
 
 
