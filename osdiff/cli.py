@@ -325,7 +325,7 @@ def demo(output: str, image: str | None, random_weights: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="The training checkpoint to write (with --builtin: a folder for every stage's output).")
 @click.option("--builtin", is_flag=True, help="Reproduce the built-in demo model from its fixed recipe and seed "
-                                              "(training/builtin.py; scikit-image's photographs).")
+                                              "(training/builtin.py; photographs scikit-image and matplotlib ship).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), help="Folder of training images.")
 @click.option("--resume", type=_file, help="Continue from a checkpoint that `osdiff train` wrote.")
 @click.option("--sd", type=_file, help="SD 2.1 checkpoint to start from (the OSDiff parts start untrained).")

@@ -135,6 +135,12 @@ def test_losses_match_their_formulas(training_model, tiny_config):
         eps = den.eps(y_T, y_c, torch.tensor([999]), den.context.expand(2, -1, -1))
         y_r_direct = (y_T.double() - math.sqrt(1 - abar) * eps.double()) / math.sqrt(abar)
         assert torch.allclose(m.one_step(y0, y_c, noise).double(), y_r_direct, rtol=0, atol=1e-4 * float(y_r_direct.abs().max()))
+        # pure_noise (the built-in recipe's): y_T is the noise itself, as at inference
+        eps = den.eps(noise, y_c, torch.tensor([999]), den.context.expand(2, -1, -1))
+        y_r_direct = (noise.double() - math.sqrt(1 - abar) * eps.double()) / math.sqrt(abar)
+        y_r_pure = m.one_step(y0, y_c, noise, pure_noise=True).double()
+        assert torch.allclose(y_r_pure, y_r_direct, rtol=0, atol=1e-4 * float(y_r_direct.abs().max()))
+        assert not torch.allclose(y_r_pure, m.one_step(y0, y_c, noise).double())
 
     # L_G = -log D(y_r^t), L_D = -log(1 - D(y_r^t)) - log D(y0^t), D = sigmoid(logit)
     t = torch.tensor([10, 700])
@@ -281,3 +287,30 @@ def test_train_command_trains_resumes_and_exports(tiny_dir, tmp_path):
                                        "--only", "synthesis", "--no-fp16"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "onnx" / "fp32" / "synthesis.onnx").exists()
+
+
+def test_random_crops_are_seeded_and_draw_every_image_equally():
+    """Each crop's image is drawn uniformly, not by area: a photo 16 times larger than another
+    still gives about half the crops."""
+    from osdiff.training.data import RandomCrops
+
+    large, small = np.zeros((400, 400, 3), np.uint8), np.full((100, 100, 3), 255, np.uint8)
+    crops = RandomCrops([large, small], crop=32, batch=200, seed=3)
+    x = next(crops)
+    assert x.shape == (200, 3, 32, 32) and x.dtype == torch.float32
+    from_small = float((x.mean(dim=(1, 2, 3)) == 1.0).float().mean())
+    assert 0.4 <= from_small <= 0.6, from_small
+    assert torch.equal(x, next(RandomCrops([large, small], crop=32, batch=200, seed=3)))
+
+
+def test_bundled_photos_load_and_unknown_names_name_the_packages():
+    pytest.importorskip("skimage", reason="the built-in model's photographs come from scikit-image's wheel")
+    from osdiff.training.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, bundled_photo
+
+    assert not set(TRAIN_PHOTOS) & set(HELD_OUT_PHOTOS)
+    for name in TRAIN_PHOTOS + HELD_OUT_PHOTOS:
+        image = bundled_photo(name)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 96
+        assert (image[..., 0] != image[..., 1]).any(), f"{name} is grey"  # colour photographs only
+    with pytest.raises(FileNotFoundError, match="nope.png.*scikit-image or matplotlib"):
+        bundled_photo("nope.png")

@@ -43,6 +43,10 @@ class TrainSettings:
     decay: float = 0.1
     clip: float = 1.0
     seed: int = 0
+    # y_T = pure noise, as at inference, instead of the paper's q(y0, t, n): at the paper's
+    # t = 999 the two hardly differ (sqrt(abar) = 0.07); at a smaller t only pure noise keeps
+    # training and inference alike
+    pure_noise: bool = False
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -91,7 +95,7 @@ class Trainer:
 
         # generator turn: the discriminator's parameters take no gradient
         m.guidance_model.requires_grad_(False)
-        out = m.generator_step(x, s.rate_weight, self.generator)
+        out = m.generator_step(x, s.rate_weight, self.generator, pure_noise=s.pure_noise)
         if not torch.isfinite(out.losses["total"]):
             bad = [k for k, v in out.losses.items() if not torch.isfinite(v)]
             raise FloatingPointError(f"step {self.global_step + 1}: the loss is not finite ({', '.join(bad)})")

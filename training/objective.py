@@ -11,6 +11,7 @@ Generator turn, for images x:
             checkerboard/slice contexts computed exactly as the coder does (runtime/latent_codec)
     y_c   = G_s(y_hat)                                  the control hint
     y_T   = sqrt(abar_999) y0 + sqrt(1 - abar_999) n    forward diffusion to t = 999
+            (or y_T = n, as at inference, with TrainSettings.pure_noise; t is the config's)
     y_r   = (y_T - sqrt(1 - abar_999) eps(y_T, y_c)) / sqrt(abar_999)        one step, eq. 8
 
     L_diff    = mean (y0 - y_r)^2                       eq. 9
@@ -187,9 +188,13 @@ class OSDiffTraining(nn.Module):
         y_lik_q = torch.cat([v.flatten(1) for v in liks_q], dim=1)
         return LatentCoding(y_hat, y_c, (y_lik, z_lik), (y_lik_q, z_lik_q))
 
-    def one_step(self, y0: Tensor, y_c: Tensor, noise: Tensor) -> Tensor:
-        """y_r: the denoiser stage (UNet + control, eq. 8) on y_T = q(y0, 999, noise)."""
+    def one_step(self, y0: Tensor, y_c: Tensor, noise: Tensor, pure_noise: bool = False) -> Tensor:
+        """y_r: the denoiser stage (UNet + control, eq. 8) on y_T = q(y0, t, noise) at the
+        config's one timestep t (999 in the paper), or on y_T = noise, as at inference, when
+        pure_noise (the built-in model's choice: see training/builtin.py)."""
         den = self.denoiser
+        if pure_noise:
+            return den(y_c, noise)
         t = torch.full((y0.shape[0],), den.timestep, dtype=torch.long, device=y0.device)
         return den(y_c, q_sample(y0, t, noise, self.alphas_cumprod))
 
@@ -205,13 +210,13 @@ class OSDiffTraining(nn.Module):
         return self.guidance_model(y_t, t, context)
 
     def generator_step(self, x: Tensor, rate_weight: float, generator: torch.Generator | None = None,
-                       y0: Tensor | None = None) -> GeneratorOutput:
+                       y0: Tensor | None = None, pure_noise: bool = False) -> GeneratorOutput:
         """The generator turn's forward pass and losses for images x (B x 3 x H x W in [0, 1]);
-        y0 may be given instead of being encoded from x (tests)."""
+        y0 may be given instead of being encoded from x (tests); pure_noise: see one_step."""
         y0 = self.encode(x) if y0 is None else y0
         coding = self.code_latent(y0, generator)
         noise = torch.randn(y0.shape, generator=generator, device=y0.device, dtype=y0.dtype)
-        y_r = self.one_step(y0, coding.y_c, noise)
+        y_r = self.one_step(y0, coding.y_c, noise, pure_noise)
         pixels = x.shape[0] * x.shape[2] * x.shape[3]
         y_r_t, _, t = self.diffuse_pair(y_r, y0, generator)
         losses = {
