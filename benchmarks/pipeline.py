@@ -57,7 +57,8 @@ class ReferenceStyleCodec(Codec):
     size = (0, 0)
 
     def compress_batch(self, images: list[np.ndarray], seeds: list[int] | None = None,
-                       trace: Trace = NO_TRACE) -> list[bytes]:
+                       trace: Trace = NO_TRACE, tile: int | str | None = None) -> list[bytes]:
+        # whole images only, as the reference codes them: `tile` is accepted for Codec.compress
         self.size = images[0].shape[:2]
         out = []
         for image in images:

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import onnx
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from osdiff.calibration.precision import FP16_GRAPHS, FP16_ISLANDS
 from osdiff.config import ModelConfig
 from osdiff.export.model import OSDiffModel, graph_shapes
-from osdiff.files import read_manifest
+from osdiff.files import read_manifest, write_atomic
 from osdiff.runtime.backends.base import EntropyModels
 from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional
 
@@ -110,7 +110,7 @@ def export_onnx(model: OSDiffModel, out_dir: str | Path, fp16: bool = True,
         manifest["graphs"][name] = entry
 
     eb = model.entropy_bottleneck
-    save_file({k: v.contiguous() for k, v in eb.params.items()}, str(out / "entropy_bottleneck.safetensors"))
+    write_atomic(out / "entropy_bottleneck.safetensors", save({k: v.contiguous() for k, v in eb.params.items()}))
     manifest["entropy"] = {
         "bottleneck": {"params_file": "entropy_bottleneck.safetensors", "cdfs": eb.tables.cdfs,
                        "offsets": eb.tables.offsets, "medians": eb.medians.tolist()},

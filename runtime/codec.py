@@ -114,7 +114,24 @@ class Codec:
         held = memory.resident(self.backend.device) + (pending(decode) if pending else 0)
         est = memory.estimate(self.cfg, self.backend.name, decode, hp, wp, what, grid.tile if grid else None, held)
         est.activations *= batch
+        est.peak *= batch
+        # ONNX Runtime's arena keeps what earlier runs took and hands it to this one: it is in the
+        # process's resident memory already and must not be counted again with the activations
+        arena = getattr(self.backend, "arena_bytes", None)
+        if arena:
+            est.resident -= min(arena(), est.peak)
         return est
+
+    def _admit(self, est: memory.Estimate, remedy: str) -> None:
+        """Refuse a run that does not fit (MemoryLimitError), else note it (_starting)."""
+        memory.check(est, self._limit(), remedy)
+        self._starting(est)
+
+    def _starting(self, est: memory.Estimate) -> None:
+        """Tell a backend with an arena the peak of the run that starts now."""
+        note = getattr(self.backend, "note_run_peak", None)
+        if note:
+            note(est.peak)
 
     def _limit(self) -> int:
         return memory.budget(self.max_memory, self.backend.device)
@@ -132,8 +149,10 @@ class Codec:
         for grid in candidates:
             if grid is not None:
                 grid.check(m)
-            worst = max((self.estimate(height, width, d, grid, batch) for d in (False, True)), key=lambda e: e.total)
+            ests = [self.estimate(height, width, d, grid, batch) for d in (False, True)]
+            worst = max(ests, key=lambda e: e.total)
             if worst.total <= limit:
+                self._starting(ests[0])  # the compress
                 return grid
         remedy = ("the stages at latent resolution do not fit either: use a smaller image or more memory"
                   if tile == "auto" else "use tiles (--tile auto, or a smaller --tile), a smaller image or more memory")
@@ -215,8 +234,8 @@ class Codec:
             except ValueError as e:
                 raise StreamError(f"the stream's {e}") from e
         est = self.estimate(streams[0].height, streams[0].width, True, grid, len(streams))
-        memory.check(est, self._limit(), "decode it on a machine with more memory (the tile grid is fixed by the "
-                                         "stream; re-encode with a smaller --tile to need less)")
+        self._admit(est, "decode it on a machine with more memory (the tile grid is fixed by the "
+                         "stream; re-encode with a smaller --tile to need less)")
         y_hats = []
         for stream in streams:
             coded = CodedLatent(stream.z_string, stream.y_string, (hp // f, wp // f), [])
@@ -242,8 +261,8 @@ class Codec:
         f = self.cfg.pad_multiple
         if z_shape != (hp // f, wp // f):
             raise StreamError(f"the stream's z shape {z_shape} does not fit a {height}x{width} image")
-        memory.check(self.estimate(height, width, True, None), self._limit(),
-                     "the reference format decodes whole images only: use a machine with more memory")
+        self._admit(self.estimate(height, width, True, None),
+                    "the reference format decodes whole images only: use a machine with more memory")
         y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace, self.reference_models)
         return self.decode_image(y_hat, seed, (height, width), trace, x_T)
 

@@ -279,7 +279,8 @@ class Decoder:
                 raise StreamError(str(e)) from None
             return
         if len(string) < 8 or len(string) % 4:
-            raise StreamError(f"entropy-coded string of {len(string)} bytes: not a whole number of 32-bit words")
+            raise StreamError(f"entropy-coded string of {len(string)} bytes is truncated or corrupt: a coded string is "
+                              "a whole number of 32-bit words, at least two")
         state = int.from_bytes(string[:8], "little")
         if not (1 << 31) <= state < (1 << 63):
             raise StreamError("entropy-coded string does not start with a valid coder state")

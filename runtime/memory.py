@@ -5,8 +5,9 @@ for the full-size UNet at 12 Mpixel), under a dispatch mode that adds up the byt
 it creates and subtracts them as they are freed: the largest sum is that stage's activation
 peak in PyTorch's eager execution, for the exact image size and attention blocking in use.
 The estimate of a whole run is what the process already holds, plus weights still to be loaded
-(ONNX Runtime creates its sessions on first use), plus the largest stage peak times a margin
-per backend (allocator slack and kernels' workspaces; measured in benchmarks/memory.py). The codec checks it against the memory the machine has
+(ONNX Runtime creates its sessions on first use), less what ONNX Runtime's arena holds from
+earlier runs for this one, plus the largest stage peak times a margin per backend (allocator
+slack and kernels' workspaces; measured in benchmarks/memory.py). The codec checks it against the memory the machine has
 (or --max-memory) and refuses, naming the image size, the estimate and the way out, instead of
 being killed by the kernel half-way.
 """
@@ -26,8 +27,8 @@ from osdiff.config import ModelConfig
 
 # Activation peak x margin (eager PyTorch's allocator and kernels' own workspaces; ONNX Runtime's
 # arena, one for all sessions: runtime/backends/onnxruntime_backend.py). Measured side by side in
-# benchmarks/memory.py: demo config, 1 MP, peaks of 1.18 to 1.26 GB in PyTorch between runs (1.3
-# fell 2 % short once) and 1.13 GB in ONNX Runtime; tests/test_memory.py holds both under it.
+# benchmarks/memory.py: demo config, 1 MP, peaks of 1.18 to 1.26 GiB in PyTorch between runs (1.3
+# fell 2 % short once) and 1.05 to 1.13 GiB in ONNX Runtime; tests/test_memory.py holds both under it.
 MARGIN = {"torch": 1.5, "onnxruntime": 1.5, "tensorrt": 1.3}
 GB = 1024**3
 
@@ -128,6 +129,7 @@ class Estimate:
     resident: int  # already held by the process, plus weights still to be loaded
     stage: str  # the stage with the largest peak
     activations: int  # its activation peak, margin included
+    peak: int = 0  # the same without the margin
 
     @property
     def total(self) -> int:
@@ -146,7 +148,7 @@ def estimate(cfg: ModelConfig, backend: str, decode: bool, height: int, width: i
     stage = max(peaks, key=lambda g: peaks[g])
     # tiles are blended into full-size float32 accumulators (image or latent, and weights)
     blend = 4 * 4 * height * width if vae_tile else 0
-    return Estimate(what, resident, stage, int(peaks[stage] * MARGIN.get(backend, 1.5)) + blend)
+    return Estimate(what, resident, stage, int(peaks[stage] * MARGIN.get(backend, 1.5)) + blend, peaks[stage])
 
 
 def resident(device: torch.device) -> int:

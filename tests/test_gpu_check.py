@@ -123,3 +123,24 @@ def test_the_original_reproduces_its_golden_stream(tiny_dir):
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "reproduces the golden set" in proc.stdout
+
+
+def test_pipeline_benchmark_runs_every_cpu_backend(tiny_dir, tiny_export, tmp_path):
+    """benchmarks/pipeline.py end to end on the tiny model (its export given, so nothing is
+    exported here): one row per CPU backend, each coding the baseline's strings (the
+    reference-style baseline once broke when Codec.compress gained `tile`, unnoticed)."""
+    from click.testing import CliRunner
+
+    import pipeline
+
+    out = tmp_path / "pipeline.json"
+    result = CliRunner().invoke(pipeline.main, [
+        "--config", str(tiny_dir / "config.json"), "--sd", str(tiny_dir / "sd21_tiny.ckpt"),
+        "--osdiff", str(tiny_dir / "osdiff_tiny.ckpt"), "--size", "64x128", "--warmup", "0", "--runs", "1",
+        "--onnx", str(tiny_export), "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    r = json.loads(out.read_text())
+    assert set(r["results"]) == {r["baseline"], "torch fp32", "onnxruntime cpu fp32"}
+    assert all(p["decode"]["median_ms"] > 0 for p in r["results"].values())
+    assert "True" in result.output and "False" not in result.output  # the same y/z strings everywhere
+    assert (tmp_path / "pipeline.png").is_file()

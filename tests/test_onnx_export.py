@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import onnx
 import pytest
@@ -104,3 +106,13 @@ def test_export_directory_problems_are_named(tiny_export, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="re-export"):
         load_export(tmp_path)
+
+
+def test_every_exported_file_gets_the_mode_the_umask_gives(tiny_export):
+    """Graphs, weights, the z prior and the manifest alike (the z prior's file was once 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in tiny_export.rglob("*") if p.is_file()]
+    assert any(p.name == "entropy_bottleneck.safetensors" for p in files)
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p

@@ -273,7 +273,8 @@ public:
     Decoder(const uint8_t* data, size_t size, int64_t max_abs) : data_(data, data + size), max_abs_(max_abs) {
         if (size < 8 || size % 4)
             throw StreamError("entropy-coded string of " + std::to_string(size) +
-                              " bytes: not a whole number of 32-bit words");
+                              " bytes is truncated or corrupt: a coded string is a whole number of"
+                              " 32-bit words, at least two");
         x_ = uint64_t(detail::get_le32(&data_[0])) | uint64_t(detail::get_le32(&data_[4])) << 32;
         if (x_ < kLower || x_ >= kUpper)
             throw StreamError("entropy-coded string does not start with a valid coder state");
