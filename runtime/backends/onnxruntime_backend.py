@@ -124,9 +124,9 @@ class OnnxRuntimeBackend:
         """Bytes the shared CPU arena holds from earlier runs (at least), which the next run
         reuses: the codec's memory estimate counts them once, in the process's resident
         memory, not again in the activations (it counted them twice: a second 4 MP image under
-        --max-memory 6G was refused although it would take about 3 GB). The arena keeps them
+        --max-memory 6G was refused although it would take about 3 GiB). The arena keeps them
         because giving them back costs more: shrinking it after each run raised the peak
-        of a 1 MP compress + decompress from 1.05 to 1.40 GB here."""
+        of a 1 MP compress + decompress from 1.05 to 1.40 GiB here."""
         return _arena_peak
 
     def run(self, graph: str, *inputs: Tensor) -> tuple[Tensor, ...]:
