@@ -174,12 +174,12 @@ def test_the_estimate_covers_the_measured_peak_on_both_cpu_backends(tmp_path):
         assert r["peak_rss"] <= estimate <= 2 * r["peak_rss"], r
 
 
-def test_onnxruntime_gives_its_arena_back_so_the_next_estimate_counts_activations_once(tiny_export):
-    """After a run, ONNX Runtime's arena returns what the stage graphs held: kept, it was in the
-    process's resident memory and again in the next estimate's activations, and a second image
-    of a size that fit was refused. Measured here, 1024 px, tiny model: the second estimate grew
-    by 816 MB with the arena kept, by 220 MB given back (the weights of the sessions loaded
-    meanwhile and the entropy graphs' arena); the activations are 961 MB."""
+def test_onnxruntime_arena_kept_from_a_first_run_is_not_counted_again_in_the_next_estimate(tiny_export):
+    """ONNX Runtime's shared arena keeps what a run took for the next run; that memory is in the
+    process's resident memory, so the next estimate must not count it again with the activations
+    (it did, and a second image of a size that fit was refused). Measured here before the fix,
+    1024 px, tiny model: the second estimate was 816 MB above the first, against activations of
+    961 MB (the bound below: 480 MB)."""
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     codec = Codec(OnnxRuntimeBackend(tiny_export, threads=2))
