@@ -57,7 +57,7 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     data = codec.compress(image)
     t1 = time.perf_counter()
-    print(f"compressed in {t1 - t0:.1f} s, peak so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB", file=sys.stderr, flush=True)
+    print(f"compressed in {t1 - t0:.1f} s, peak so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", file=sys.stderr, flush=True)
     grid = tile_grid(OsdStream.from_bytes(data))
     from osdiff.runtime.tiling import TileGrid
 
@@ -120,8 +120,8 @@ def print_row(r: dict) -> None:
     gb = 1024**3
     peak = r["peak_rss"]
     per_px = (peak - r["rss_before"]) / (r["width"] * r["height"])
-    print(f"{r['backend']:<12}{r['width']}x{r['height']:<6}{r['megapixels']:6.1f} MP  peak {peak / gb:6.2f} GB"
-          f"  before {r['rss_before'] / gb:5.2f} GB  {per_px:6.0f} bytes/px  estimate {max(r['estimate_compress'], r['estimate_decompress']) / gb:6.2f} GB"
+    print(f"{r['backend']:<12}{r['width']}x{r['height']:<6}{r['megapixels']:6.1f} MP  peak {peak / gb:6.2f} GiB"
+          f"  before {r['rss_before'] / gb:5.2f} GiB  {per_px:6.0f} bytes/px  estimate {max(r['estimate_compress'], r['estimate_decompress']) / gb:6.2f} GiB"
           f"  tiles {r['tiles']}  compress {r['compress_s']:6.1f} s  decompress {r['decompress_s']:6.1f} s", flush=True)
 
 

@@ -257,7 +257,7 @@ def decompress(streams: tuple[str, ...], output: str, fmt: str, size: str | None
         else:
             image = codec.decompress_reference(data, height, width, seed=seed)
         write_atomic(dst, png_bytes(image))
-        return f"{image.shape[0]}x{image.shape[1]}"
+        return f"{image.shape[0]}x{image.shape[1]} (HxW)"
 
     _run_each(list(zip(streams, _outputs(streams, output, ".png"))), work)
 
@@ -309,7 +309,7 @@ def demo(output: str, image: str | None, random_weights: bool) -> None:
 
     h, w = pixels.shape[:2]
     note = " (random weights)" if random_weights else ""
-    click.echo(f"\nimage {w}x{h}: {len(data)} bytes, {len(data) * 8 / (h * w):.4f} bpp, "
+    click.echo(f"\nimage {h}x{w} (HxW): {len(data)} bytes, {len(data) * 8 / (h * w):.4f} bpp, "
                f"PSNR {psnr(pixels, decoded):.2f} dB against the input{note}")
     for title, trace in (("encode", enc), ("decode", dec)):
         stages = per_stage(trace.spans())

@@ -67,9 +67,10 @@ def test_reference_format(inputs, tiny_export, tiny_dir, tmp_path):
     assert (tmp_path / "s.bin").read_bytes() == (tiny_dir / "stream.bin").read_bytes()
     assert "needs --size" in run("decompress", tmp_path / "s.bin", "-o", tmp_path / "s.png", "--format", "reference",
                                  "--engines", tiny_export, ok=False).output
-    run("decompress", tmp_path / "s.bin", "-o", tmp_path / "s.png", "--format", "reference", "--size", "128x192",
-        "--engines", tiny_export)
+    result = run("decompress", tmp_path / "s.bin", "-o", tmp_path / "s.png", "--format", "reference", "--size",
+                 "128x192", "--engines", tiny_export)
     assert read_image(tmp_path / "s.png").shape == (128, 192, 3)
+    assert "128x192 (HxW)" in result.output  # sizes are printed in the order --size takes them
 
 
 def test_either_coder_writes_the_same_stream_and_reads_the_other(inputs, tiny_export, tmp_path):
