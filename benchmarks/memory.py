@@ -117,11 +117,11 @@ def main() -> None:
 
 
 def print_row(r: dict) -> None:
-    gb = 1024**3
+    gib = 1024**3
     peak = r["peak_rss"]
     per_px = (peak - r["rss_before"]) / (r["width"] * r["height"])
-    print(f"{r['backend']:<12}{r['width']}x{r['height']:<6}{r['megapixels']:6.1f} MP  peak {peak / gb:6.2f} GiB"
-          f"  before {r['rss_before'] / gb:5.2f} GiB  {per_px:6.0f} bytes/px  estimate {max(r['estimate_compress'], r['estimate_decompress']) / gb:6.2f} GiB"
+    print(f"{r['backend']:<12}{r['width']}x{r['height']:<6}{r['megapixels']:6.1f} MP  peak {peak / gib:6.2f} GiB"
+          f"  before {r['rss_before'] / gib:5.2f} GiB  {per_px:6.0f} bytes/px  estimate {max(r['estimate_compress'], r['estimate_decompress']) / gib:6.2f} GiB"
           f"  tiles {r['tiles']}  compress {r['compress_s']:6.1f} s  decompress {r['decompress_s']:6.1f} s", flush=True)
 
 
