@@ -62,6 +62,23 @@ def main(coder: str | None) -> None:
 _file = click.Path(exists=True, dir_okay=False)
 
 
+class HxW(click.ParamType):
+    """An image size written height x width ("512x768"), as every size this CLI prints."""
+
+    name = "HxW"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            height, width = (int(v) for v in str(value).lower().split("x"))
+        except ValueError:
+            self.fail(f"must be HxW (e.g. 512x768), got {value!r}", param, ctx)
+        if height <= 0 or width <= 0:
+            self.fail(f"height and width must be positive, got {value!r}", param, ctx)
+        return height, width
+
+
 def checkpoint_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--sd", type=_file, help="SD 2.1 checkpoint (v2-1_512-ema-pruned.ckpt or .safetensors)."),
@@ -235,19 +252,18 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: st
 @click.option("--format", "fmt", type=click.Choice(["osd", "reference"]), default="osd", show_default=True,
               help="reference: a stream the original implementation wrote, read with the entropy tables it derives "
                    "on this CPU (docs/entropy-tables.md).")
-@click.option("--size", default=None, help="HxW of the image, for --format reference (which does not store it).")
+@click.option("--size", type=HxW(), default=None,
+              help="HxW of the image, for --format reference (which does not store it).")
 @click.option("--seed", default=0, show_default=True, help="Noise seed for --format reference.")
 @backend_options
 @user_errors
-def decompress(streams: tuple[str, ...], output: str, fmt: str, size: str | None, seed: int, **options: Any) -> None:
+def decompress(streams: tuple[str, ...], output: str, fmt: str, size: tuple[int, int] | None, seed: int,
+               **options: Any) -> None:
     """Decompress .osd streams to PNG images."""
     if fmt == "reference":
-        if not size:
+        if size is None:
             raise click.UsageError("--format reference needs --size HxW")
-        try:
-            height, width = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise click.UsageError(f"--size must be HxW, got {size!r}") from None
+        height, width = size
     codec = open_codec(**options)
 
     def work(src: str, dst: Path) -> str:
@@ -395,7 +411,7 @@ def train(output: str, builtin: bool, images: str | None, resume: str | None, sd
 @click.option("--engines", type=click.Path(exists=True, file_okay=False), help="Export (onnxruntime) or engine (tensorrt) directory.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: fp16 for torch-cuda, else fp32.")
-@click.option("--size", default="512x768", show_default=True, help="HxW of the image.")
+@click.option("--size", type=HxW(), default="512x768", show_default=True, help="HxW of the image.")
 @click.option("--batch", default=1, show_default=True)
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--runs", default=50, show_default=True)
@@ -404,7 +420,7 @@ def train(output: str, builtin: bool, images: str | None, resume: str | None, sd
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Write the last run as a Chrome trace.")
 @checkpoint_options
 @user_errors
-def profile(backend: str, engines: str | None, provider: str, precision: str | None, size: str, batch: int,
+def profile(backend: str, engines: str | None, provider: str, precision: str | None, size: tuple[int, int], batch: int,
             warmup: int, runs: int, image: str | None, json_path: str | None, trace_path: str | None,
             **checkpoints: Any) -> None:
     """Per-stage latency (median, p90, min) and end-to-end encode/decode, bytes to pixels."""
@@ -415,10 +431,7 @@ def profile(backend: str, engines: str | None, provider: str, precision: str | N
     from osdiff.runtime.codec import Codec
     from osdiff.runtime.profiler import profile as run_profile
 
-    try:
-        height, width = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise click.UsageError(f"--size must be HxW, got {size!r}") from None
+    height, width = size
     if checkpoints["random_weights"] and checkpoints["config"] is None:
         checkpoints["config"] = "full"
     if backend == "torch-cuda":

@@ -101,6 +101,14 @@ def test_usage_errors(inputs, tiny_dir, tmp_path):
     assert "needs --engines" in out
     out = run("export", "--sd", tiny_dir / "osdiff_tiny.ckpt", "--osdiff", tiny_dir / "sd21_tiny.ckpt", "-o", tmp_path, ok=False).output
     assert "swapped" in out
+    (tmp_path / "s.bin").write_bytes(b"\0" * 64)
+    for size, message in [("512", "must be HxW"), ("512x", "must be HxW"), ("0x768", "must be positive"),
+                          ("-512x768", "must be positive")]:
+        out = run("profile", "--random-weights", "--size", size, ok=False).output
+        assert message in out and "--size" in out, (size, out)
+        out = run("decompress", tmp_path / "s.bin", "-o", tmp_path / "s.png", "--format", "reference", "--size", size,
+                  ok=False).output
+        assert message in out, (size, out)
 
 
 def test_export_command_writes_the_graphs_it_is_asked_for(tiny_dir, tmp_path):
