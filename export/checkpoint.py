@@ -81,7 +81,7 @@ def _torch_load(path: Path) -> object:
     except safe_unpickle.CodeRunningPickle as e:
         raise CheckpointError(f"{path}: refused: {e} (nothing of it was run)") from e
     except safe_unpickle.UnpickleError as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {e}") from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it: {e}") from e
 

@@ -22,6 +22,7 @@ that hold such harmless objects next to their tensors cannot be loaded at all.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import struct
@@ -256,8 +257,15 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
             raise UnpickleError("a global name that is not text")
-        if _code_running(module, name):
-            raise CodeRunningPickle(f"{module}.{name}")
+        # Protocol 0-2 pickles spell names as Python 2 did (__builtin__.set, commands.getoutput);
+        # pickle's own find_class maps them to Python 3's, which this one replaces, so map here
+        # too: for the allow-list, and so that messages give the names a user knows. Both
+        # spellings are checked.
+        py3_module, py3_name = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+        if _code_running(module, name) or _code_running(py3_module, py3_name):
+            raise CodeRunningPickle(f"{py3_module}.{py3_name}")
+        module, name = py3_module, py3_name
         if (module, name) == ("torch.storage", "_load_from_bytes") and self._depth < 2:
             # how plain pickle.dumps writes a tensor: a whole torch.save archive as bytes
             # (torch's own function would torch.load it unsafely)

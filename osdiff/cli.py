@@ -22,6 +22,7 @@ from osdiff.config import ConfigError, ModelConfig
 from osdiff.engine.profiles import DEFAULT_PROFILE
 from osdiff.export.checkpoint import CheckpointError, CheckpointWarning
 from osdiff.files import ImageError, ImageWarning, png_bytes, psnr, read_image, write_atomic
+from osdiff.runtime.bitstream import OsdStream, tile_grid
 from osdiff.runtime.coder import CODERS, StreamError, use_coder
 
 if TYPE_CHECKING:
@@ -186,7 +187,9 @@ def _run_each(items: list[tuple[str, Path]], work: Callable[[str, Path], str]) -
             note = work(src, dst)
         except USER_ERRORS as e:
             failed += 1
-            click.echo(f"[{i}/{len(items)}] {src}: error: {e}", err=True)
+            # library errors name their file for callers without this prefix: not twice here
+            message = str(e).removeprefix(f"{src}: ")
+            click.echo(f"[{i}/{len(items)}] {src}: error: {message}", err=True)
             continue
         click.echo(f"[{i}/{len(items)}] {src} -> {dst}: {note}, {time.perf_counter() - t0:.2f} s")
     if failed:
@@ -241,6 +244,11 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: st
             click.echo(f"note: {note.message}", err=True)
         data = codec.compress(image, seed=seed, tile=tiles) if fmt == "osd" else codec.compress_reference(image)
         write_atomic(dst, data)
+        grid = tile_grid(OsdStream.from_bytes(data)) if fmt == "osd" else None
+        if grid and tile == "auto":
+            click.echo(f"note: {src}: the VAE ran in {grid[0]}-pixel tiles (overlap {grid[1]}): the whole image did not "
+                       "fit in memory; the tiles are in the stream, and the picture differs slightly from an untiled "
+                       "one", err=True)
         return f"{len(data)} bytes, {len(data) * 8 / (image.shape[0] * image.shape[1]):.4f} bpp"
 
     _run_each(list(zip(images, _outputs(images, output, ".osd" if fmt == "osd" else ".bin"))), work)

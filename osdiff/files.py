@@ -35,7 +35,8 @@ def read_image(path: str | Path) -> np.ndarray:
     - 16 bits per sample: v -> round(v / 257), so that a 16-bit image holding exactly
       257 x an 8-bit image gives that 8-bit image (and the same stream). Pillow keeps only the
       high byte of 16-bit colour PNGs, so those are decoded with pypng instead; 16-bit colour
-      in other formats (TIFF) is refused for the same reason.
+      in other formats (TIFF, PPM) is refused for the same reason. A PGM with maxval > 255 is
+      read by Pillow as mode I scaled to 0..65535, and taken as 16-bit.
     - float (Pillow mode F): values in [0, 1] -> round(v * 255); anything outside [0, 1] or
       not finite is refused (no defined mapping: HDR, depth maps, ...).
     - 32-bit integer images (mode I) are refused: they have no defined range.
@@ -50,8 +51,10 @@ def read_image(path: str | Path) -> np.ndarray:
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
                 warnings.warn(f"{path}: {frames} frames; only the first is coded", ImageWarning, stacklevel=2)
-            rgba = _png16(path, im) if _is_16bit_colour(im) else _to_rgba(ImageOps.exif_transpose(im), path)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+            rgba = _png16(path, im) if _is_16bit_colour(im) else _to_rgba(ImageOps.exif_transpose(im), path, im.format)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused for its size: {e}") from e
+    except UnidentifiedImageError as e:
         raise ImageError(f"{path}: not a readable image: {e}") from e
     except (OSError, SyntaxError) as e:  # Pillow raises SyntaxError for some corrupt headers
         raise ImageError(f"{path}: cannot read image: {e}") from e
@@ -65,8 +68,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def _is_16bit_colour(im: Image.Image) -> bool:
-    """Pillow decodes 16-bit colour (and gray + alpha) to 8 bits by dropping the low byte."""
+    """Pillow decodes 16-bit colour (and gray + alpha) to 8 bits by dropping the low byte, and
+    colour PPMs with maxval > 255 to 8 bits by truncating v * 255 / maxval."""
     args = im.tile[0].args if im.tile else ""
+    if im.format == "PPM" and im.mode == "RGB":
+        return isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], int) and args[1] > 255
     rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
     return isinstance(rawmode, str) and ";16" in rawmode and im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -90,17 +96,21 @@ def _png16(path: str | Path, im: Image.Image) -> np.ndarray:
     return v8 if method is None else np.asarray(Image.fromarray(v8).transpose(method))
 
 
-def _to_rgba(im: Image.Image, path: str | Path) -> np.ndarray:
-    """H x W x 3 (or x 4 with alpha) uint8, by the rules of read_image."""
+def _to_rgba(im: Image.Image, path: str | Path, fmt: str | None) -> np.ndarray:
+    """H x W x 3 (or x 4 with alpha) uint8, by the rules of read_image; fmt: the file's format
+    (`im` may be a transposed copy, which has none)."""
     mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N") or (mode == "I" and fmt == "PPM"):
         v = np.asarray(im).astype(np.uint32)
         return np.repeat(((2 * v + 257) // 514).astype(np.uint8)[..., None], 3, axis=2)
     if mode == "F":
         v = np.asarray(im, dtype=np.float64)
-        if not np.isfinite(v).all() or v.min(initial=0) < 0 or v.max(initial=0) > 1:
+        if not np.isfinite(v).all():
+            raise ImageError(f"{path}: a float image with {np.count_nonzero(~np.isfinite(v))} NaN or infinite "
+                             "values; only [0, 1] has a defined 8-bit mapping")
+        if v.min(initial=0) < 0 or v.max(initial=0) > 1:
             raise ImageError(f"{path}: a float image with values outside [0, 1] "
-                             f"(min {np.nanmin(v):.4g}, max {np.nanmax(v):.4g}); only [0, 1] has a defined 8-bit mapping")
+                             f"(min {v.min():.4g}, max {v.max():.4g}); only [0, 1] has a defined 8-bit mapping")
         return np.repeat(np.rint(v * 255).astype(np.uint8)[..., None], 3, axis=2)
     if mode in ("I", "I;32", "I;32B", "I;32L"):
         raise ImageError(f"{path}: a 32-bit integer image (mode {mode}) has no defined range; "

@@ -107,7 +107,7 @@ class Codec:
     def estimate(self, height: int, width: int, decode: bool, grid: TileGrid | None, batch: int = 1) -> memory.Estimate:
         """Peak memory of compressing (or decompressing) one image of height x width."""
         hp, wp = self.padded_size(height, width)
-        what = f"{'decompressing' if decode else 'compressing'} a {width}x{height} image" + \
+        what = f"{'decompressing' if decode else 'compressing'} a {height}x{width} (HxW) image" + \
             (f" (VAE in {grid.tile}-pixel tiles)" if grid else "")
         # the ONNX Runtime backend loads a graph's weights on its first run
         pending = getattr(self.backend, "unloaded_bytes", None)
@@ -156,6 +156,8 @@ class Codec:
                 return grid
         remedy = ("the stages at latent resolution do not fit either: use a smaller image or more memory"
                   if tile == "auto" else "use tiles (--tile auto, or a smaller --tile), a smaller image or more memory")
+        if worst is ests[1]:
+            worst.what += " (checked before compressing, so that no stream is written that cannot be decoded here)"
         memory.check(worst, limit, remedy)
         return None  # unreachable: check raised
 

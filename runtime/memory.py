@@ -30,7 +30,7 @@ from osdiff.config import ModelConfig
 # benchmarks/memory.py: demo config, 1 MP, peaks of 1.18 to 1.26 GiB in PyTorch between runs (1.3
 # fell 2 % short once) and 1.05 to 1.13 GiB in ONNX Runtime; tests/test_memory.py holds both under it.
 MARGIN = {"torch": 1.5, "onnxruntime": 1.5, "tensorrt": 1.3}
-GB = 1024**3
+GIB = 1024**3
 
 
 class MemoryLimitError(ValueError):
@@ -215,7 +215,7 @@ def parse_size(text: str) -> int:
 def check(est: Estimate, limit: int, remedy: str) -> None:
     if est.total > limit:
         raise MemoryLimitError(
-            f"{est.what} needs about {est.total / GB:.1f} GB (peak in {est.stage}: {est.activations / GB:.1f} GB, "
-            f"plus {est.resident / GB:.1f} GB of weights and process), more than the {limit / GB:.1f} GB allowed "
+            f"{est.what} needs about {est.total / GIB:.1f} GiB (peak in {est.stage}: {est.activations / GIB:.1f} GiB, "
+            f"plus {est.resident / GIB:.1f} GiB of weights and process), more than the {limit / GIB:.1f} GiB allowed "
             f"(free memory or --max-memory); {remedy}"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import copyreg
 import importlib
@@ -137,8 +138,23 @@ def test_every_code_running_callable_is_refused_before_anything_runs(tmp_path, m
     finally:
         if original is not None:
             setattr(mod, name, original)
-    assert f"this file tries to run code: it calls {module}.{name}" in str(e.value)
+    # named as Python 3 spells it (a protocol-2 pickle writes builtins as __builtin__)
+    py3 = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+    assert f"this file tries to run code: it calls {'.'.join(py3)}" in str(e.value)
     assert calls == []
+
+
+def test_protocol_2_builtins_load_as_data_under_their_python_3_names(tmp_path):
+    payload = {"state_dict": {"w": torch.ones(2)}, "s": {1, 2}, "f": frozenset({3}), "c": 1 + 2j, "sl": slice(1, 5),
+               "b": bytearray(b"ab")}
+    torch.save(payload, tmp_path / "p2.ckpt", pickle_protocol=2)
+    assert b"__builtin__" in zipfile.ZipFile(tmp_path / "p2.ckpt").read("p2/data.pkl")
+    obj = safe_unpickle.load(tmp_path / "p2.ckpt")
+    assert {k: obj[k] for k in "sfc"} == {"s": {1, 2}, "f": frozenset({3}), "c": 1 + 2j}
+    assert obj["sl"] == slice(1, 5) and obj["b"] == bytearray(b"ab")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing ignored
+        assert torch.equal(read_state_dict(tmp_path / "p2.ckpt")["w"], torch.ones(2))
 
 
 @pytest.mark.parametrize("module,name,arg", [

@@ -130,3 +130,25 @@ def test_demo_runs_end_to_end(tmp_path):
     image = read_image(tmp_path / "input.png")
     assert side.shape == (image.shape[0], 2 * image.shape[1], 3)
     assert np.array_equal(side[:, : image.shape[1]], image)
+
+
+def test_compress_says_when_the_vae_ran_in_tiles(tiny_dir, tiny_model, tiny_image, tmp_path, monkeypatch):
+    from osdiff.runtime import memory
+    from osdiff.runtime.backends.torch_backend import TorchBackend
+    from osdiff.runtime.codec import Codec
+    from osdiff.runtime.tiling import TileGrid
+
+    monkeypatch.setattr(memory, "process_rss", lambda: 2**30)  # a process that does not grow meanwhile
+    m = tiny_model.config.pad_multiple
+    image = np.tile(tiny_image, (2, 2, 1))[: 3 * m, : 4 * m]
+    Image.fromarray(image).save(tmp_path / "big.png")
+    codec = Codec(TorchBackend(tiny_model))
+    whole = max(codec.estimate(*image.shape[:2], d, None).total for d in (False, True))
+    tiled = max(codec.estimate(*image.shape[:2], d, TileGrid.default(2 * m, m)).total for d in (False, True))
+    checkpoints = ["--sd", tiny_dir / "sd21_tiny.ckpt", "--osdiff", tiny_dir / "osdiff_tiny.ckpt",
+                   "--config", tiny_dir / "config.json"]
+    result = run("compress", tmp_path / "big.png", "-o", tmp_path / "big.osd", *checkpoints,
+                 "--max-memory", str((whole + tiled) // 2))
+    assert "the VAE ran in" in result.output and "did not fit in memory" in result.output
+    result = run("compress", tmp_path / "big.png", "-o", tmp_path / "whole.osd", *checkpoints)
+    assert "tiles" not in result.output

@@ -49,10 +49,20 @@ def test_float_images_in_0_1_round_v_times_255(tmp_path):
     out = read_image(tmp_path / "f.tif")
     assert np.array_equal(out[..., 0], np.rint(v.astype(np.float64) * 255).astype(np.uint8))
     assert out.max() == 255 and out.min() == 0  # not "nearly black"
-    for bad in (v * 4, v - 0.5, np.where(v > 0.5, np.nan, v).astype(np.float32)):
+    for bad, message in [(v * 4, r"outside \[0, 1\] \(min 0, max 4\)"), (v - 0.5, r"outside \[0, 1\] \(min -0.5,"),
+                         (np.where(v > 0.5, np.nan, v), "768 NaN or infinite"), (np.where(v > 0.5, np.inf, v), "NaN or inf")]:
         Image.fromarray(bad.astype(np.float32)).save(tmp_path / "bad.tif")
-        with pytest.raises(ImageError, match=r"outside \[0, 1\]"):
+        with pytest.raises(ImageError, match=message):
             read_image(tmp_path / "bad.tif")
+
+
+def test_16bit_pgm_rounds_v_over_257_and_16bit_ppm_is_refused(tmp_path):
+    ramp = np.arange(0, 65536, 64, dtype=">u2").reshape(32, 32)
+    (tmp_path / "g16.pgm").write_bytes(b"P5\n32 32\n65535\n" + ramp.tobytes())  # Pillow: mode I, not 16-bit
+    assert np.array_equal(read_image(tmp_path / "g16.pgm")[..., 1], np.floor(ramp / 257 + 0.5).astype(np.uint8))
+    (tmp_path / "c16.ppm").write_bytes(b"P6\n32 32\n65535\n" + np.repeat(ramp, 3).tobytes())  # Pillow: the high byte
+    with pytest.raises(ImageError, match="16-bit colour PPM"):
+        read_image(tmp_path / "c16.ppm")
 
 
 def test_32bit_integer_images_are_refused(tmp_path):
@@ -131,6 +141,13 @@ def test_broken_files_are_image_errors(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(ImageError):
         read_image(tmp_path / "x.png")
+    # a header claiming 100000 x 100000 pixels: refused before any pixel is decoded
+    header = struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)
+    chunks = b"".join(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+                      for kind, data in [(b"IHDR", header), (b"IDAT", zlib.compress(b"")), (b"IEND", b"")])
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+    with pytest.raises(ImageError, match="huge.png: refused for its size: .*decompression bomb"):
+        read_image(tmp_path / "huge.png")
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
