@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SIDES = {1: (1152, 864), 4: (2304, 1728), 12: (4000, 3000), 16: (4608, 3456)}
+SIDES = {1: (1152, 864), 4: (2304, 1728), 8: (3264, 2448), 12: (4000, 3000), 16: (4608, 3456)}
 
 
 def child(args: argparse.Namespace) -> None:
