@@ -79,8 +79,8 @@ def _is_16bit_colour(im: Image.Image) -> bool:
 
 def _png16(path: str | Path, im: Image.Image) -> np.ndarray:
     if im.format != "PNG":
-        raise ImageError(f"{path}: 16-bit colour {im.format} images are not supported (Pillow reads only their "
-                         "high byte); save it as a 16-bit PNG or convert it to 8 bits")
+        raise ImageError(f"{path}: 16-bit colour {im.format} images are not supported (Pillow cuts them to 8 bits "
+                         "without rounding); save it as a 16-bit PNG or convert it to 8 bits")
     import png  # pypng: reads every sample at full depth
 
     width, height, rows, info = png.Reader(filename=str(path)).asDirect()
