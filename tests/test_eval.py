@@ -129,7 +129,11 @@ def test_psnr_and_ms_ssim_agree_with_skimage_pytorch_msssim_and_compressai_eval(
     import pytorch_msssim
     from skimage.metrics import peak_signal_noise_ratio
 
-    from compressai.utils.eval_model.__main__ import compute_metrics
+    threads = torch.get_num_threads()
+    try:
+        from compressai.utils.eval_model.__main__ import compute_metrics
+    finally:
+        torch.set_num_threads(threads)  # that module sets 1 on import, for the rest of the process
 
     scores = metrics.ImageMetrics()
     for name, image in photos.items():

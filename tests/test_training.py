@@ -5,6 +5,8 @@ normal loader, export and codec."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -261,17 +263,35 @@ def test_starting_from_sd_alone(tiny_config, tiny_dir):
         assert torch.equal(m.denoiser.eps(noise, x, t, ctx), unet(noise, t, ctx))
 
 
-def test_train_command_trains_resumes_and_exports(tiny_dir, tmp_path):
-    from click.testing import CliRunner
+def image_folder(tmp_path):
     from PIL import Image
-
-    from osdiff.cli import main
 
     images = tmp_path / "images"
     images.mkdir()
     for i in range(2):
         pixels = (batch(seed=i, n=1, size=192)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         Image.fromarray(pixels).save(images / f"{i}.png")
+    return images
+
+
+def test_training_on_one_cpu_thread(tiny_dir, tmp_path):
+    """One CPU thread (--threads 1, or a one-core machine's default), where torch's oneDNN
+    convolution backward corrupts the heap (training/loop.py, safe_cpu_convolutions). In a
+    process of its own, so that a crash fails this test rather than aborting the suite."""
+    cmd = [sys.executable, "-c", "from osdiff.cli import main; main()", "train", "--threads", "1", "--steps", "2",
+           "--images", str(image_folder(tmp_path)), "--sd", str(tiny_dir / "sd21_tiny.ckpt"),
+           "--config", str(tiny_dir / "config.json"), "--crop", "128", "--batch", "2", "-o", str(tmp_path / "o.ckpt")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    assert "step 2/2" in done.stdout
+
+
+def test_train_command_trains_resumes_and_exports(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from osdiff.cli import main
+
+    images = image_folder(tmp_path)
     ckpt = tmp_path / "osdiff.ckpt"
     common = ["--images", str(images), "--config", str(tiny_dir / "config.json"), "--crop", "128", "--batch", "2",
               "-o", str(ckpt)]

@@ -40,7 +40,7 @@ from osdiff.config import ModelConfig
 from osdiff.files import write_atomic
 from osdiff.training.autoencoder import normalize_latent, vae_losses
 from osdiff.training.data import TRAIN_PHOTOS, RandomCrops, bundled_photo
-from osdiff.training.loop import Trainer, TrainSettings
+from osdiff.training.loop import Trainer, TrainSettings, safe_cpu_convolutions
 from osdiff.training.objective import OSDiffTraining
 
 
@@ -180,11 +180,12 @@ def train_autoencoder(cfg: ModelConfig, images: list[np.ndarray], recipe: Recipe
     t0 = time.perf_counter()
     every = max(1, min(250, steps // 10))
     for step in range(1, steps + 1):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            losses = vae_losses(enc, dec, next(batches), recipe.kl_weight, generator)
-        losses = {k: v.float() for k, v in losses.items()}
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        with safe_cpu_convolutions():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                losses = vae_losses(enc, dec, next(batches), recipe.kl_weight, generator)
+            losses = {k: v.float() for k, v in losses.items()}
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()

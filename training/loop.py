@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,24 @@ from osdiff.config import ModelConfig
 from osdiff.export.checkpoint import CheckpointError
 from osdiff.files import write_atomic
 from osdiff.training.objective import OSDiffTraining
+
+
+@contextmanager
+def safe_cpu_convolutions() -> Iterator[None]:
+    """Training steps run inside this. With one CPU thread, oneDNN's convolution backward
+    (weights) in torch 2.13 writes past a buffer it frees: glibc aborts with "free(): invalid
+    next size" in ideep::convolution_backward_weights, or the heap is corrupted and a later
+    allocation crashes. A train step under torch.set_num_threads(1) did so every time here
+    (2 CPU cores, AVX2); with two threads it did not. So with one thread the step uses ATen's
+    own convolutions instead; just as fast on the tiny model."""
+    if torch.get_num_threads() > 1 or not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 @dataclass
@@ -85,6 +104,10 @@ class Trainer:
         return s.decay if 0 < s.decay_at <= i else 1.0
 
     def step(self, x: Tensor) -> dict[str, float]:
+        with safe_cpu_convolutions():
+            return self._step(x)
+
+    def _step(self, x: Tensor) -> dict[str, float]:
         m, s = self.model, self.settings
         f = self.lr_factor()
         for opt, lr in ((self.opt_g, s.lr), (self.opt_d, s.d_lr)):
