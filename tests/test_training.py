@@ -278,7 +278,7 @@ def test_training_on_one_cpu_thread(tiny_dir, tmp_path):
     """One CPU thread (--threads 1, or a one-core machine's default), where torch's oneDNN
     convolution backward corrupts the heap (training/loop.py, safe_cpu_convolutions). In a
     process of its own, so that a crash fails this test rather than aborting the suite."""
-    cmd = [sys.executable, "-c", "from osdiff.cli import main; main()", "train", "--threads", "1", "--steps", "2",
+    cmd = [sys.executable, "-m", "osdiff.cli", "train", "--threads", "1", "--steps", "2",
            "--images", str(image_folder(tmp_path)), "--sd", str(tiny_dir / "sd21_tiny.ckpt"),
            "--config", str(tiny_dir / "config.json"), "--crop", "128", "--batch", "2", "-o", str(tmp_path / "o.ckpt")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
