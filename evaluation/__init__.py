@@ -7,7 +7,7 @@
     run.py        one evaluation: streams written, bpp from their sizes, CSV and CompressAI JSON
     compare.py    BD-rates and RD plots of several results files
 
-`osdiff eval` (osdiff/cli.py) calls run.py, and compare.py with --compare. Needs the `eval`
+`osdiff eval` (osdiff/cli/evaluate.py) calls run.py, and compare.py with --compare. Needs the `eval`
 extra: pip install "osdiff-engine[eval]".
 """
 

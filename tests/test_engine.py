@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import REPO
-from osdiff.cli import build as build_command_cli
+from osdiff.cli.model import build as build_command_cli
 from osdiff.cli import main
 from osdiff.engine.manifest import EngineError, EngineManifest, Gpu, build_command
 from osdiff.engine.profiles import DEFAULT_PROFILE, ImageSize, ShapeProfile, image_size, resolve

@@ -1,0 +1,3 @@
+from osdiff.cli import main
+
+main()
