@@ -8,8 +8,11 @@ Output directory:
     fp16/<graph>.onnx             the heavy graphs (VAE, G_s, denoiser) in fp16
     (<graph>.onnx.data beside a graph whose weights exceed what one protobuf holds, 2 GB)
 
-Graphs take float32 inputs and give float32 outputs in both variants: an fp16 graph casts at
-its edges, so every runner binds the same buffers. Precision is decided inside the graph (the
+Attention is written in the form of `attention=` (export/models/attention.py): by default ONNX
+Runtime's fused com.microsoft.MultiHeadAttention, which `osdiff build` rewrites into the plain
+pattern TensorRT fuses; the manifest's graph entry says which form ("attention") where a graph
+has any. Graphs take float32 inputs and give float32 outputs in both variants: an fp16 graph
+casts at its edges, so every runner binds the same buffers. Precision is decided inside the graph (the
 fp32 islands are the modules' own casts, see calibration/precision.py), which is what TensorRT
 11's strongly typed builds require.
 """
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from osdiff.calibration.precision import FP16_GRAPHS, FP16_ISLANDS
 from osdiff.config import ModelConfig
 from osdiff.export.model import OSDiffModel, graph_shapes
+from osdiff.export.models.attention import FORMS, MHA_DOMAIN, export_form, onnx_translation, plain_attention
 from osdiff.files import read_manifest, write_atomic
 from osdiff.runtime.backends.base import EntropyModels
 from osdiff.runtime.entropy import EntropyBottleneck, GaussianConditional
@@ -77,8 +81,15 @@ def symbolic_shapes(cfg: ModelConfig, graph: str) -> dict[str, list[int | str]]:
 
 
 def export_onnx(model: OSDiffModel, out_dir: str | Path, fp16: bool = True,
-                progress: Callable[[str], None] = lambda s: None, only: list[str] | None = None) -> dict:
-    """Write every graph (or those named in `only`) and the manifest; returns the manifest."""
+                progress: Callable[[str], None] = lambda s: None, only: list[str] | None = None,
+                attention: str = "mha") -> dict:
+    """Write every graph (or those named in `only`) and the manifest; returns the manifest.
+    attention: the form of every attention in the graphs, one of export/models/attention.py's
+    FORMS ("mha": ONNX Runtime's fused MultiHeadAttention, the default; "plain": the
+    MatMul-Softmax-MatMul pattern TensorRT fuses; "scan": query blocks in an ONNX Scan). The
+    manifest records it per graph that has attention. Raises ValueError for an unknown form."""
+    if attention not in FORMS:
+        raise ValueError(f"attention form must be one of {', '.join(FORMS)}, got {attention!r}")
     out = Path(out_dir)
     (out / "fp32").mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -103,8 +114,10 @@ def export_onnx(model: OSDiffModel, out_dir: str | Path, fp16: bool = True,
             t0 = time.perf_counter()
             path = out / precision / f"{name}.onnx"
             path.parent.mkdir(exist_ok=True)
-            _export_graph(cfg, name, module, g.inputs, g.outputs, path, half=precision == "fp16")
+            attentions = _export_graph(cfg, name, module, g.inputs, g.outputs, path, precision == "fp16", attention)
             entry[precision] = {"file": str(path.relative_to(out)), "sha256": _sha256(path)}
+            if attentions:
+                entry["attention"] = attention
             progress(f"[{i}/{len(names)}] {name} {precision}: {time.perf_counter() - t0:.1f} s, "
                      f"{_size(path) / 1e6:.1f} MB")
         manifest["graphs"][name] = entry
@@ -122,7 +135,8 @@ def export_onnx(model: OSDiffModel, out_dir: str | Path, fp16: bool = True,
 
 
 def _export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[str, ...],
-                  outputs: tuple[str, ...], path: Path, half: bool) -> None:
+                  outputs: tuple[str, ...], path: Path, half: bool, attention: str) -> int:
+    """Export one graph to `path`; returns how many attention operations it has."""
     shapes = graph_shapes(cfg, name, _TRACE_BATCH, _TRACE_H * cfg.pad_multiple // 64, _TRACE_W * cfg.pad_multiple // 64)
     args = tuple(torch.randn(shapes[i]) for i in inputs)
     auto = torch.export.Dim.AUTO
@@ -130,17 +144,26 @@ def _export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[
     if half:
         dynamic = (dynamic,)  # _Half.forward takes *inputs
     module = module.eval()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), export_form(attention):
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=list(inputs),
-                                    output_names=list(outputs), dynamic_shapes=dynamic, verbose=False)
+                                    output_names=list(outputs), dynamic_shapes=dynamic, verbose=False,
+                                    custom_translation_table=onnx_translation())
     assert program is not None
     for f in (path, path.with_name(path.name + ".data")):
         f.unlink(missing_ok=True)
     # weights go to a side file only when the graph cannot hold them (2 GB protobuf limit)
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
     program.save(str(path), external_data=big)
+    graph = onnx.load(str(path), load_external_data=False)
+    count = sum(n.op_type == "MultiHeadAttention" and n.domain == MHA_DOMAIN for n in graph.graph.node)
+    if attention == "plain" and count:
+        plain_attention(graph)
+        onnx.save(graph, str(path))  # the weights, in the graph or beside it, are unchanged
+    elif attention == "scan":
+        count = sum(n.op_type == "Scan" for n in graph.graph.node)
     onnx.checker.check_model(str(path), full_check=False)
+    return count
 
 
 def _sha256(path: Path) -> str:

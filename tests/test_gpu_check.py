@@ -53,6 +53,11 @@ def test_rehearsal_writes_the_gpu_runs_json(rehearsal):
         assert ours["stages"][stage] > 0, stage
     assert sum(ours["stages"].values()) == pytest.approx(ours["decode_ms"], rel=0.1)
 
+    # issue 26's comparison, rehearsed on the CPU: the same variant with attention in query blocks
+    blocks = by_name["ours fp32 eager" + gpu_check.BLOCKS]
+    assert blocks["status"] == "measured" and blocks["decode_ms"] > 0 and set(blocks["stages"]) == set(ours["stages"])
+    assert r["targets"]["variant"] is None or gpu_check.BLOCKS not in r["targets"]["variant"]
+
     # the baseline: the original implementation where a checkout is carried, else the re-creation
     baseline = by_name["original (fp32 eager, its inference.py)"]
     if baseline["status"] != "measured":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from osdiff.config import ControlConfig, DiffusionConfig, GuidanceConfig, UNetConfig
-from osdiff.export.models.attention import self_attention
+from osdiff.export.models.attention import attention
 
 
 def find_denominator(n: int, start: int) -> int:
@@ -119,12 +119,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        # self-attention is N x N: in blocks (export/models/attention.py); cross-attention to
-        # the 77 context tokens is N x 77, linear in N as it is
-        out = self_attention(q, k, v) if context is x else F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        # memory linear in the positions whatever their number (export/models/attention.py)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out(out)
 
 
 class GEGLU(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from osdiff.config import VAEConfig
-from osdiff.export.models.attention import self_attention
+from osdiff.export.models.attention import attention
 
 
 def _float32(v: float) -> float:
@@ -79,12 +79,11 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
-        # B x C x H x W -> B x 1 x HW x C; float32 because the C^-0.5-scaled logits of real
-        # images exceed the fp16 range. SDPA's default scale is the C^-0.5 of the reference.
-        # Contiguous: PyTorch's CPU flash kernel, linear in HW, needs it (export/models/attention.py).
-        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1).float().contiguous() for conv in (self.q, self.k, self.v))
-        out = self_attention(q, k, v)
-        out = out.squeeze(1).transpose(1, 2).reshape(x.shape).to(x.dtype)
+        # B x C x H x W -> B x HW x C, one head; float32 because the C^-0.5-scaled logits of real
+        # images exceed the fp16 range (attention's scale is the C^-0.5 of the reference)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2).float() for conv in (self.q, self.k, self.v))
+        out = attention(q, k, v, heads=1)
+        out = out.transpose(1, 2).reshape(x.shape).to(x.dtype)
         return x + self.proj_out(out)
 
 

@@ -9,20 +9,25 @@ import click
 
 from osdiff.cli.common import checkpoint_options, load_model, user_errors
 from osdiff.engine.profiles import DEFAULT_PROFILE
+from osdiff.export.models.attention import FORMS
 
 @click.command()
 @checkpoint_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="Also write fp16 variants of the heavy graphs.")
 @click.option("--only", multiple=True, help="Export only these graphs (repeatable).")
+@click.option("--attention", type=click.Choice(FORMS), default="mha", show_default=True,
+              help="Form of attention in the graphs: mha (ONNX Runtime's fused MultiHeadAttention; `osdiff build` "
+                   "rewrites it into the pattern TensorRT fuses), plain (MatMul-Softmax-MatMul), scan (blocks of "
+                   "queries in an ONNX Scan: bounded memory on runtimes with no fused attention; not for TensorRT).")
 @user_errors
-def export(output: str, fp16: bool, only: tuple[str, ...], **checkpoints: Any) -> None:
+def export(output: str, fp16: bool, only: tuple[str, ...], attention: str, **checkpoints: Any) -> None:
     """Export every stage of a model to ONNX (fp32, and fp16 with fp32 islands)."""
     from osdiff.export.onnx_export import export_onnx
 
     model = load_model(**checkpoints)
     t0 = time.perf_counter()
-    export_onnx(model, output, fp16=fp16, progress=click.echo, only=list(only) or None)
+    export_onnx(model, output, fp16=fp16, progress=click.echo, only=list(only) or None, attention=attention)
     click.echo(f"exported to {output} in {time.perf_counter() - t0:.0f} s")
 
 
