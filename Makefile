@@ -11,7 +11,7 @@ BUILD_REQUIRES := "scikit-build-core>=0.10" "nanobind>=2.0"
 NATIVE_SOURCES := CMakeLists.txt $(wildcard runtime/native/*)
 SANITIZE_BUILD := build/sanitize
 
-.PHONY: install demo test test-slow typecheck bench fuzz sanitize clean gpu-kit gpu-rehearsal
+.PHONY: install demo test test-slow typecheck bench fuzz sanitize clean gpu-kit gpu-rehearsal test-gpu-image test-torch-newest
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	$(PYTHON) -m venv $(VENV)
@@ -82,5 +82,31 @@ gpu-kit:
 gpu-rehearsal: install
 	OSDIFF_GPU_CHECK_DEVICE=cpu PYTHON=$(BIN)/python benchmarks/gpu_check.sh out/gpu-rehearsal
 
+# Compatibility legs: the tests that exercise torch itself (export of every graph, torch.compile
+# against eager, attention's forms, the cross-backend codec, the GPU check's rehearsal), each in a
+# venv of its own with another Python stack. Not in CI (each venv is about 5 GB of torch with its
+# CUDA libraries, downloaded once); run them before resolving anything that touches export,
+# attention, the torch backend or the GPU check.
+# - test-gpu-image: the lent GPU machine's stack (ci/gpu-image.txt: Python 3.12, torch 2.11,
+#   numpy 2, onnx 1.23, onnxruntime 1.30), run on the CPU.
+# - test-torch-newest: the newest torch pyproject.toml admits (ci/torch-newest.txt).
+COMPAT_TESTS := tests/test_torch_versions.py tests/test_attention.py tests/test_onnx_export.py tests/test_codec.py tests/test_gpu_check.py
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+
+.venv-%/.installed: ci/%.txt pyproject.toml $(NATIVE_SOURCES)
+	$(if $(filter gpu-image,$*),$(PYTHON312),$(PYTHON)) -m venv .venv-$*
+	# the machine's pip configuration caps torch (<= 2.14.1 here) and would refuse the stack under test
+	PIP_CONFIG_FILE=/dev/null .venv-$*/bin/pip install -q -r ci/$*.txt
+	# what the GPU kit carries (benchmarks/gpu_kit.py), without the dependencies the image has
+	PIP_CONFIG_FILE=/dev/null .venv-$*/bin/pip install -q --no-deps compressai==1.2.8 pytorch-msssim==1.0.0
+	.venv-$*/bin/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test-gpu-image: .venv-gpu-image/.installed
+	.venv-gpu-image/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+
+test-torch-newest: .venv-torch-newest/.installed
+	.venv-torch-newest/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-gpu-image .venv-torch-newest build *.egg-info
