@@ -305,6 +305,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide CPU kernels' speed (AVX2, AVX-512, VNNI, BF16, AMX),
+    as /proc/cpuinfo names them: every CPU speed figure is reported with them."""
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+              "amx_bf16", "avx512_fp16")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
 @click.command()
 @click.option("--config", "config_name", default="full", show_default=True,
               help='Model config: "full" (the published architecture; 3.5 GB of weights), "demo" or a JSON file.')

@@ -12,17 +12,20 @@ list conversions; see benchmarks/entropy.py), labelled as such.
     python benchmarks/pipeline.py --config demo --size 256x384     # quick look on a CPU
     python benchmarks/pipeline.py --original .gpu-kit/OSDiff       # against the original code itself
     python benchmarks/pipeline.py --onnx DIR --engines DIR         # add exported / built models
+    python benchmarks/pipeline.py --backends onnxruntime --attention scan,mha   # attention forms side by side
 
 On a GPU machine use benchmarks/gpu_check.sh, which times every CUDA variant.
 
-Prints a table with ratios to the baseline, writes JSON (--json) and a PNG bar chart of the
-per-stage breakdown (--chart). Random weights unless --sd/--osdiff are given.
+Prints a table with ratios to the baseline (the first row), writes JSON (--json) and a PNG bar
+chart of the per-stage breakdown (--chart). Random weights unless --sd/--osdiff are given.
+--attention exports the model once per attention form (export/models/attention.py; "scan" is
+the form every graph had before ONNX Runtime's MultiHeadAttention) and runs ONNX Runtime on each,
+recording each graph's export time.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from entropy import NaiveGaussian, Rounds, naive_compress_y, naive_decompress_y  # noqa: E402
+from entropy import NaiveGaussian, Rounds, cpu_flags, cpu_model, naive_compress_y, naive_decompress_y  # noqa: E402
 
 from osdiff.config import ModelConfig  # noqa: E402
 from osdiff.export.model import OSDiffModel  # noqa: E402
@@ -89,6 +92,18 @@ class ReferenceStyleCodec(Codec):
             y_hat, _ = naive_decompress_y(rounds, NaiveGaussian(self.models.gaussian), y_string, trace)
             out.append(tensor_to_image(self.decode_image(y_hat, 0, self.size, trace)))
         return out
+
+
+class ExportTimes:
+    """export_onnx's progress callback, keeping the seconds each graph took ("[i/n] name fp32: 12.3 s, ...")."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+
+    def __call__(self, line: str) -> None:
+        print("  " + line, file=sys.stderr)
+        name, seconds = line.split("] ", 1)[1].split(": ", 1)
+        self.into[name.rsplit(" ", 1)[0]] = float(seconds.split(" s", 1)[0])
 
 
 def strings(data: bytes) -> tuple[bytes, bytes]:
@@ -154,11 +169,16 @@ def chart(per: dict[str, dict[str, float]], title: str) -> Image.Image:
 @click.option("--engines", default=None, help="An `osdiff build` directory: adds the TensorRT backend.")
 @click.option("--original", "checkout", default=None, type=click.Path(exists=True, file_okay=False),
               help="A checkout of cheesejiang/OSDiff: the baseline is then the original implementation (on the CPU).")
+@click.option("--backends", default="baseline,torch,onnxruntime", show_default=True,
+              help="Which rows to run: baseline (the original or reference-style), torch, onnxruntime.")
+@click.option("--attention", "forms", default="mha", show_default=True,
+              help="Attention forms of the exported graphs (comma-separated), one ONNX Runtime row each.")
 @click.option("--json", "json_path", default=None, help="Default: benchmarks/results/pipeline_<device>_<config>.json")
 @click.option("--chart", "chart_path", default=None, help="Default: the JSON path with .png")
 def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup: int, runs: int,
-         onnx_dir: str | None, engines: str | None, checkout: str | None, json_path: str | None,
-         chart_path: str | None) -> None:
+         onnx_dir: str | None, engines: str | None, checkout: str | None, backends: str, forms: str,
+         json_path: str | None, chart_path: str | None) -> None:
+    rows = backends.split(",")
     height, width = (int(v) for v in size.lower().split("x"))
     cfg = ModelConfig.named(config)
     load = lambda: OSDiffModel.load(sd, osdiff_ckpt, cfg) if (sd or osdiff_ckpt) else OSDiffModel.random(cfg, 0)  # noqa: E731
@@ -166,31 +186,44 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
     demo = Path(__file__).resolve().parents[1] / "osdiff" / "assets" / "demo.png"
     image = np.asarray(Image.fromarray(read_image(demo)).resize((width, height), Image.BICUBIC))
 
-    if onnx_dir is None:  # before the original is imported: its stand-ins must not meet the exporter
-        from osdiff.export.onnx_export import export_onnx
+    exports: dict[str, str] = {}  # attention form -> export directory
+    export_s: dict[str, dict[str, float]] = {}  # attention form -> graph -> seconds
+    if "onnxruntime" in rows:  # before the original is imported: its stand-ins must not meet the exporter
+        if onnx_dir is not None:
+            exports["given"] = onnx_dir
+        else:
+            from osdiff.export.onnx_export import export_onnx
 
-        onnx_dir = tempfile.mkdtemp(prefix="osdiff-bench-")
-        print(f"exporting to {onnx_dir} ...", file=sys.stderr)
-        export_onnx(model, onnx_dir, fp16=False)
+            for form in forms.split(","):
+                exports[form] = tempfile.mkdtemp(prefix=f"osdiff-bench-{form}-")
+                print(f"exporting with attention {form} to {exports[form]} ...", file=sys.stderr)
+                export_s[form] = {}
+                timed = ExportTimes(export_s[form])
+                export_onnx(model, exports[form], fp16=False, attention=form, progress=timed)
 
     codecs: dict[str, Any] = {}
-    if checkout:
-        import original
+    baseline = ""
+    if "baseline" in rows:
+        if checkout:
+            import original
 
-        baseline = "original (fp32 eager, its inference.py)"
-        codecs[baseline] = original.OriginalCodec(checkout, original.build(checkout, cfg, "cpu", weights=model))
-    else:
-        baseline = "reference-style (re-created, fp32 eager)"
-        codecs[baseline] = ReferenceStyleCodec(TorchBackend(model))
-    codecs["torch fp32"] = Codec(TorchBackend(model))
+            baseline = "original (fp32 eager, its inference.py)"
+            codecs[baseline] = original.OriginalCodec(checkout, original.build(checkout, cfg, "cpu", weights=model))
+        else:
+            baseline = "reference-style (re-created, fp32 eager)"
+            codecs[baseline] = ReferenceStyleCodec(TorchBackend(model))
     cuda = torch.cuda.is_available()
-    if cuda:  # a backend moves and casts its model in place: each device and precision gets its own
-        codecs["torch cuda fp32"] = Codec(TorchBackend(load(), device="cuda"))
-        codecs["torch cuda fp16 + graphs"] = Codec(TorchBackend(load(), device="cuda", half=True, channels_last=True,
-                                                                cuda_graphs=True))
+    if "torch" in rows:
+        codecs["torch fp32"] = Codec(TorchBackend(model))
+        if cuda:  # a backend moves and casts its model in place: each device and precision gets its own
+            codecs["torch cuda fp32"] = Codec(TorchBackend(load(), device="cuda"))
+            codecs["torch cuda fp16 + graphs"] = Codec(TorchBackend(load(), device="cuda", half=True,
+                                                                    channels_last=True, cuda_graphs=True))
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    codecs["onnxruntime cpu fp32"] = Codec(OnnxRuntimeBackend(onnx_dir))
+    for form, directory in exports.items():
+        label = "onnxruntime cpu fp32" + ("" if form == "given" else f" (attention {form})")
+        codecs[label] = Codec(OnnxRuntimeBackend(directory))
     if engines:
         from osdiff.runtime.backends.tensorrt_backend import TensorRTBackend
 
@@ -202,10 +235,11 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
         print(f"{name} ...", file=sys.stderr)
         results[name] = profile(codec, [image], warmup=warmup, runs=runs, backend_name=name)
         streams[name] = codec.compress(image)
+    baseline = baseline or next(iter(results))
     reference = strings(streams[baseline])
     base = results[baseline]
 
-    device = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name(0) if cuda else cpu_model()
     lines = [f"{cfg.name} model, {height}x{width}, {runs} runs after {warmup} warm-up; {device}",
              f"{'backend':<42}{'encode ms':>11}{'decode ms':>11}{'encode x':>10}{'decode x':>10}  same y/z strings as baseline"]
     for name, p in results.items():
@@ -213,6 +247,10 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
                      f"{base.encode.median / p.encode.median:>10.2f}{base.decode.median / p.decode.median:>10.2f}"
                      f"  {strings(streams[name]) == reference}")
     lines.append(f"x: speedup over the baseline, {baseline}, measured in this run (median end to end, synchronized)")
+    for form, times in export_s.items():
+        lines.append(f"export (attention {form}): " + ", ".join(f"{g} {t:.1f} s" for g, t in times.items()
+                                                                 if g in ("denoiser", "vae_decoder", "vae_encoder"))
+                     + f", all graphs {sum(times.values()):.0f} s")
     print("\n".join(lines))
     for name, p in results.items():
         print(f"\n{name}, decode stages (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in stages(p, "decode").items()))
@@ -221,8 +259,8 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
     out = Path(json_path) if json_path else RESULTS / f"pipeline_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": " ".join(sys.argv), "device": device, "torch": torch.__version__, "config": cfg.name,
-        "height": height, "width": width, "runs": runs,
+        "command": " ".join(sys.argv), "device": device, "cpu_flags": cpu_flags(), "torch": torch.__version__,
+        "config": cfg.name, "height": height, "width": width, "runs": runs, "export_s": export_s,
         "results": {name: p.to_json() for name, p in results.items()},
         "baseline": baseline,
         "speedup_over_baseline": {name: {"encode": base.encode.median / p.encode.median,
