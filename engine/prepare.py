@@ -15,8 +15,11 @@ from pathlib import Path
 from polygraphy.backend.onnx import FoldConstants, InferShapes, OnnxFromPath, SaveOnnx
 
 
-def prepare_onnx(src: str | Path, dst: str | Path) -> None:
-    """Fold and sanitize the ONNX graph at `src` into `dst`."""
+def prepare_onnx(src: str | Path, dst: str | Path, partition: bool = False) -> None:
+    """Fold and sanitize the ONNX graph at `src` into `dst`. partition: fold each constant
+    subgraph that ONNX Runtime can evaluate and leave the others (graphs with TensorRT's own
+    ops, such as its FP8 Q/DQ)."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    load = FoldConstants(InferShapes(OnnxFromPath(str(src))), error_ok=False)
+    load = FoldConstants(InferShapes(OnnxFromPath(str(src))), partitioning="basic" if partition else None,
+                         error_ok=partition)
     SaveOnnx(load, path=str(dst))()

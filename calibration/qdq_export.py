@@ -1,0 +1,100 @@
+"""Quantized graphs to ONNX with explicit Q/DQ nodes, and the check of what a graph holds.
+
+ModelOpt's fake-quant layers export through torch's TorchScript exporter (torch.onnx.export with
+dynamo=False), where each enabled quantizer becomes a QuantizeLinear -> DequantizeLinear pair
+(INT8: standard ONNX ops, per-channel on the weights; FP8: TensorRT's TRT_FP8QuantizeLinear /
+TRT_FP8DequantizeLinear custom ops, which only TensorRT loads). This is the explicit-precision
+form TensorRT 10/11 builds strongly typed and ONNX Runtime runs with its INT8 kernels.
+
+Attention is exported plain (one scaled_dot_product_attention, which the exporter writes as
+MatMul-Softmax-MatMul, in float): the tracer records Python-level shape arithmetic as constants,
+so the query-block loop of export/models/attention.py cannot be traced, and the plain pattern is
+the one TensorRT fuses. Its scores are N x N: an INT8 graph's memory is quadratic in the
+attention's positions (the VAE mid-block: (H/8 x W/8)^2 floats), unlike the fp32 export's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from osdiff.config import ModelConfig
+from osdiff.export.model import graph_shapes
+
+OPSET = 18  # as export/onnx_export.py: QuantizeLinear/DequantizeLinear with per-axis scales
+ATTENTION_FORM = "plain (MatMul-Softmax-MatMul, float)"
+
+
+@contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """The model's self-attention as one SDPA call while tracing (see the module docstring)."""
+    from osdiff.export.models import unet, vae
+
+    saved = vae.self_attention, unet.self_attention
+    vae.self_attention = unet.self_attention = F.scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        vae.self_attention, unet.self_attention = saved
+
+
+def export_qdq(module: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
+               path: str | Path) -> None:
+    """Write a fake-quantized graph (calibration/quantize.py) to `path`: float32 inputs and
+    outputs, batch, height and width dynamic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = cfg.pad_multiple
+    shapes = graph_shapes(cfg, graph, 2, 2 * m, 3 * m)
+    args = tuple(torch.randn(shapes[i]) for i in inputs)
+    dynamic = {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in inputs + outputs}
+    with plain_attention(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values taken as constants
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=OPSET, input_names=list(inputs),
+                          output_names=list(outputs), dynamic_axes=dynamic, do_constant_folding=True)
+    model = onnx.load(str(path))
+    if not any(n.domain == "trt" for n in model.graph.node):  # the checker knows no TensorRT ops
+        onnx.checker.check_model(model, full_check=False)
+
+
+_QUANT_OPS = ("QuantizeLinear", "TRT_FP8QuantizeLinear")
+_DEQUANT_OPS = ("DequantizeLinear", "TRT_FP8DequantizeLinear")
+_LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def layer_name(node: onnx.NodeProto) -> str:
+    """The PyTorch module path of an exported node: the TorchScript exporter names nodes after
+    their module scope, "/decoder/up.1/block.0/conv1/Conv" -> "decoder.up.1.block.0.conv1"."""
+    return ".".join(node.name.strip("/").split("/")[:-1])
+
+
+def qdq_layers(path: str | Path) -> dict[str, dict[str, bool]]:
+    """Per layer node (Conv, ConvTranspose, MatMul, Gemm) of an ONNX graph, by module path:
+    whether its input and its weight come through a DequantizeLinear. Several nodes of one
+    layer (a Linear's MatMul and Add) merge; attention's own MatMuls appear under their
+    attention module's path."""
+    model = onnx.load(str(path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out: dict[str, dict[str, bool]] = {}
+    for n in model.graph.node:
+        if n.op_type not in _LAYER_OPS:
+            continue
+        src = [producer.get(i) for i in n.input[:2]]
+        dq = [p is not None and p.op_type in _DEQUANT_OPS for p in src]
+        entry = out.setdefault(layer_name(n), {"input": False, "weight": False})
+        entry["input"] |= dq[0]
+        entry["weight"] |= len(dq) > 1 and dq[1]
+    return out
+
+
+def count_qdq(path: str | Path) -> int:
+    """Number of QuantizeLinear nodes (of either kind) in an ONNX graph."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(n.op_type in _QUANT_OPS for n in model.graph.node)
