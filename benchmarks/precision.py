@@ -43,11 +43,12 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from entropy import cpu_model  # noqa: E402
 
-from osdiff.calibration.calibrate import PrecisionResult, Settings, calibrate  # noqa: E402
+from osdiff.calibration.calibrate import Settings, calibrate  # noqa: E402
 from osdiff.calibration.images import load_calibration_images  # noqa: E402
+from osdiff.calibration.islands import island_ranges, summary  # noqa: E402
 from osdiff.calibration.pipeline import _Backend, quality, run_fp32  # noqa: E402
 from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS  # noqa: E402
-from osdiff.calibration.quantize import Recipe, quantize  # noqa: E402
+from osdiff.calibration.quantize import Recipe, blocks, quantize  # noqa: E402
 from osdiff.config import ModelConfig  # noqa: E402
 from osdiff.export.model import OSDiffModel  # noqa: E402
 from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
@@ -161,14 +162,31 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
     if not (d / "manifest.json").exists():
         echo(f"exporting the built-in model to {d} (fp32 + fp16) ...")
         export_onnx(model, d, fp16=True)
-    echo("calibrating INT8 and FP8 (osdiff calibrate's defaults) ...")
     images = load_calibration_images(None, 256, 1)
-    results = {r.precision: r for r in calibrate(model, d, images, Settings(precisions=("int8", "fp8")),
-                                                  accept_loss=True, echo=lambda s: echo("  " + s))}
+    report_path = d / "calibration.json"
+    if report_path.exists() and {"int8", "fp8"} <= set(json.loads(report_path.read_text())["results"]):
+        echo(f"reusing the calibration in {d} (FP8's fake-quantized graphs rebuilt from its skip lists) ...")
+        report = json.loads(report_path.read_text())
+        run = run_fp32(model, images)
+        graphs = model.graphs()
+        fp8 = {g: quantize(graphs[g].module, run.inputs[g], Recipe.fp8(),
+                           [layer for b in report["results"]["fp8"]["skipped"][g] for layer in blocks(graphs[g].module)[b]])
+               for g in QUANTIZED_GRAPHS}
+        calibration = {p: {k: r[k] for k in ("skipped", "end_to_end", "within_targets", "recipe")}
+                       for p, r in report["results"].items()}
+    else:
+        echo("calibrating INT8 and FP8 (osdiff calibrate's defaults) ...")
+        results = {r.precision: r for r in calibrate(model, d, images, Settings(precisions=("int8", "fp8")),
+                                                      accept_loss=True, echo=lambda s: echo("  " + s))}
+        fp8 = results["fp8"].modules
+        calibration = {p: {"skipped": r.skipped, "end_to_end": r.end_to_end, "within_targets": r.within_targets,
+                           "recipe": r.recipe} for p, r in results.items()}
+        run = run_fp32(model, images)
+    echo("fp16 islands: activation ranges on the calibration images ...")
+    islands = summary(island_ranges(model, run))
     photos = {n: bundled_photo(n) for n in PHOTOS}
     ort = {p: OnnxRuntimeBackend(d, precision=p) for p in ("fp32", "fp16", "int8")}
     torch_fp32 = _Backend(model, {})
-    fp8 = results["fp8"].modules
 
     def codec_of(precision: str, graph: str | None) -> Codec:
         if precision == "fp8":
@@ -187,15 +205,11 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
     echo(f"timing fp32, fp16 and INT8 decode on ONNX Runtime ({runs} interleaved runs, chelsea) ...")
     times = timings({p: Codec(b) for p, b in ort.items()}, photos["chelsea.png"], runs)
     tmp.cleanup()
-    return {"model": "built-in (demo config)", "photos": list(PHOTOS), "calibration": _calibration(results),
+    return {"model": "built-in (demo config)", "photos": list(PHOTOS), "calibration": calibration,
+            "calibration_note": "end_to_end: on the calibration crops (the training photos)", "fp16_islands": islands,
             "quality": onnx_rows | torch_rows, "decode_ms": times,
             "backends": {"fp32": "onnxruntime CPU", "fp16": "onnxruntime CPU", "int8": "onnxruntime CPU (Q/DQ)",
                          "fp8": "PyTorch CPU, ModelOpt fake quantization"}}
-
-
-def _calibration(results: dict[str, PrecisionResult]) -> dict:
-    return {p: {"skipped": r.skipped, "end_to_end_on_calibration_set": r.end_to_end, "within_targets": r.within_targets,
-                "recipe": r.recipe} for p, r in results.items()}
 
 
 def full_part(size: tuple[int, int], echo) -> dict:  # type: ignore[no-untyped-def]
@@ -205,6 +219,7 @@ def full_part(size: tuple[int, int], echo) -> dict:  # type: ignore[no-untyped-d
     model = OSDiffModel.random(ModelConfig.full(), 0)
     images = load_calibration_images(None, min(size), 1)
     run = run_fp32(model, images)
+    islands = summary(island_ranges(model, run))
     graphs = model.graphs()
     photos = {n: np.asarray(Image.fromarray(bundled_photo(n)).resize(size[::-1], Image.LANCZOS)) for n in PHOTOS}
     ref = Codec(_Backend(model, {}))
@@ -227,7 +242,7 @@ def full_part(size: tuple[int, int], echo) -> dict:  # type: ignore[no-untyped-d
         out[precision] = rows
         del q
     return {"model": "full-size architecture, seeded random weights (numerics only)", "size": list(size),
-            "quality": out, "backends": {"int8": "PyTorch CPU, ModelOpt fake quantization",
+            "fp16_islands": islands, "quality": out, "backends": {"int8": "PyTorch CPU, ModelOpt fake quantization",
                                          "fp8": "PyTorch CPU, ModelOpt fake quantization"}}
 
 

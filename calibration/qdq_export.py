@@ -57,8 +57,10 @@ def export_qdq(module: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[st
     dynamic = {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in inputs + outputs}
     with plain_attention(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python values taken as constants
+        # no constant folding: every weight keeps its parameter's name (which qdq_layers reads);
+        # ONNX Runtime and Polygraphy fold the constants when they load the graph
         torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=OPSET, input_names=list(inputs),
-                          output_names=list(outputs), dynamic_axes=dynamic, do_constant_folding=True)
+                          output_names=list(outputs), dynamic_axes=dynamic, do_constant_folding=False)
     model = onnx.load(str(path))
     if not any(n.domain == "trt" for n in model.graph.node):  # the checker knows no TensorRT ops
         onnx.checker.check_model(model, full_check=False)
@@ -69,29 +71,34 @@ _DEQUANT_OPS = ("DequantizeLinear", "TRT_FP8DequantizeLinear")
 _LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
-def layer_name(node: onnx.NodeProto) -> str:
-    """The PyTorch module path of an exported node: the TorchScript exporter names nodes after
-    their module scope, "/decoder/up.1/block.0/conv1/Conv" -> "decoder.up.1.block.0.conv1"."""
-    return ".".join(node.name.strip("/").split("/")[:-1])
-
-
 def qdq_layers(path: str | Path) -> dict[str, dict[str, bool]]:
-    """Per layer node (Conv, ConvTranspose, MatMul, Gemm) of an ONNX graph, by module path:
-    whether its input and its weight come through a DequantizeLinear. Several nodes of one
-    layer (a Linear's MatMul and Add) merge; attention's own MatMuls appear under their
-    attention module's path."""
+    """Per layer of an ONNX graph (a Conv, ConvTranspose, MatMul or Gemm whose weight is a
+    parameter, named by the parameter's module path, e.g. "decoder.up.1.block.0.conv1"):
+    whether its input and its weight come through a DequantizeLinear. Nodes whose second
+    operand is computed (attention's q.k and p.v products) are listed under "<path>:<op>" of
+    their node name, with weight False."""
     model = onnx.load(str(path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
+    params = {i.name for i in model.graph.initializer}
     out: dict[str, dict[str, bool]] = {}
     for n in model.graph.node:
         if n.op_type not in _LAYER_OPS:
             continue
-        src = [producer.get(i) for i in n.input[:2]]
-        dq = [p is not None and p.op_type in _DEQUANT_OPS for p in src]
-        entry = out.setdefault(layer_name(n), {"input": False, "weight": False})
-        entry["input"] |= dq[0]
-        entry["weight"] |= len(dq) > 1 and dq[1]
+        src = producer.get(n.input[0])
+        dq_input = src is not None and src.op_type in _DEQUANT_OPS
+        name, dq_weight = n.input[1], False
+        while name not in params and name in producer and producer[name].op_type in _WEIGHT_PATH_OPS:
+            dq_weight |= producer[name].op_type in _DEQUANT_OPS
+            name = producer[name].input[0]
+        if name in params and name.endswith(".weight"):
+            out[name.removesuffix(".weight")] = {"input": dq_input, "weight": dq_weight}
+        else:
+            out[f"{n.name}"] = {"input": dq_input, "weight": False}
     return out
+
+
+# what lies between a parameter and the layer that uses it
+_WEIGHT_PATH_OPS = (*_QUANT_OPS, *_DEQUANT_OPS, "Transpose", "Cast", "Identity")
 
 
 def count_qdq(path: str | Path) -> int:
