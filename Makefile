@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml ci/constraints.txt ci/tensorrt_stubs.py
 	# build isolation too.
 	$(BIN)/pip install -q $$($(BIN)/python -c "from scikit_build_core.build import get_requires_for_build_editable as r; print(' '.join(r()))") setuptools wheel
 	# serve: PyTriton (its tritonserver) and tritonclient, for `osdiff serve`/`triton-repo` and their tests;
-	# eval: the metric libraries of `osdiff eval`
-	$(BIN)/pip install -q -c ci/constraints.txt --no-build-isolation -e ".[test,serve,eval]"
+	# eval: the metric libraries of `osdiff eval`; calibrate: NVIDIA ModelOpt for `osdiff calibrate`
+	$(BIN)/pip install -q -c ci/constraints.txt --no-build-isolation -e ".[test,serve,eval,calibrate]"
 	# Type stubs of the TensorRT 10.13 Python API; --no-deps because its metadata asks for
 	# the real tensorrt, which PyPI only has as a stub that downloads from NVIDIA.
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1

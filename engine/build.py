@@ -2,9 +2,11 @@
 
 The engines are built in the form TensorRT 11 requires and TensorRT 10.x accepts:
 - strongly typed networks (NetworkDefinitionCreationFlag.STRONGLY_TYPED): every tensor keeps the
-  type the ONNX graph gives it, so precision is the export's decision: the fp16 graph where the
-  export has one (with its fp32 islands), fp32 otherwise. No FP16/INT8 builder flag, no calibrator,
-  no per-layer precision: 11.0 removed them. Explicit batch is the only mode since 10.0.
+  type the ONNX graph gives it, so precision is the export's decision: per graph the variant asked
+  for (`precision`: the fp16 graph with its fp32 islands, or the INT8/FP8 Q/DQ graph that
+  `osdiff calibrate` wrote) where the export has it, else fp16, else fp32. INT8 and FP8 come from
+  the explicit Q/DQ nodes: no FP16/INT8 builder flag, no calibrator, no per-layer precision: 11.0
+  removed them. Explicit batch is the only mode since 10.0.
 - the ONNX folded and sanitized with Polygraphy first (engine/prepare.py);
 - one optimization profile per image-size range, turned into shapes per input by engine/profiles.py;
 - a workspace limit and a builder optimization level;
@@ -36,11 +38,26 @@ if TYPE_CHECKING:
 Shapes = dict[str, tuple[tuple[int, ...], ...]]  # input -> (min, opt, max) of one profile
 
 
+PRECISIONS = ("fp16", "int8", "fp8")
+
+
+def graph_precision(entry: dict[str, Any], precision: str) -> str:
+    """The variant of one graph an engine is built from: `precision` where the export has it,
+    else fp16, else fp32 (the entropy-model graphs)."""
+    return next(p for p in (precision, "fp16", "fp32") if p in entry)
+
+
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, profiles: list[ShapeProfile], workspace_mib: int,
-                  optimization_level: int, echo: Callable[[str], None] = print) -> EngineManifest:
+                  optimization_level: int, echo: Callable[[str], None] = print, precision: str = "fp16") -> EngineManifest:
     """Build every graph of the export; returns the manifest written beside the engines.
-    optimization_level: 0 (fastest build) to 5; TensorRT's default is 3."""
+    optimization_level: 0 (fastest build) to 5; TensorRT's default is 3. precision: fp16, or the
+    int8/fp8 graphs of `osdiff calibrate` (EngineError if the export has none)."""
     onnx_manifest, _ = load_export(onnx_dir)
+    if precision not in PRECISIONS:
+        raise EngineError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "fp16" and not any(precision in e for e in onnx_manifest["graphs"].values()):
+        raise EngineError(f"{onnx_dir}: the export has no {precision} graphs; run `osdiff calibrate --precision "
+                          f"{precision}` first")
     if not profiles:
         raise EngineError("give at least one optimization profile")
     for p in profiles:
@@ -56,7 +73,7 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, profiles: list[S
     manifest = EngineManifest(tensorrt=version, gpu=gpu, model_name=onnx_manifest["model"]["name"],
                               fingerprint=onnx_manifest["model"]["fingerprint"], onnx_dir=str(src.absolute()),
                               profiles=[str(p) for p in profiles], workspace_mib=workspace_mib,
-                              optimization_level=optimization_level)
+                              optimization_level=optimization_level, precision=precision)
     echo(f"building with TensorRT {version} on {gpu}; profiles {', '.join(manifest.profiles)}")
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -67,11 +84,12 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, profiles: list[S
     graphs = onnx_manifest["graphs"]
     with tempfile.TemporaryDirectory(dir=out, prefix=".prepared-") as tmp:
         for i, (name, entry) in enumerate(graphs.items(), 1):
-            precision = "fp16" if "fp16" in entry else "fp32"
+            variant = graph_precision(entry, precision)
             t0 = time.perf_counter()
-            echo(f"[{i}/{len(graphs)}] {name} ({precision}): folding the ONNX graph with Polygraphy")
+            echo(f"[{i}/{len(graphs)}] {name} ({variant}): folding the ONNX graph with Polygraphy")
             prepared = Path(tmp) / name / "model.onnx"
-            prepare_onnx(src / entry[precision]["file"], prepared)
+            # ONNX Runtime, which folds the constants, cannot evaluate TensorRT's FP8 Q/DQ ops: fold around them
+            prepare_onnx(src / entry[variant]["file"], prepared, partition=variant == "fp8")
             shapes = [p.input_shapes(entry["shapes"], entry["inputs"]) for p in profiles]
             config = _config(builder, workspace_mib, optimization_level, cache, monitor,
                              tf32=name in FP16_GRAPHS)
@@ -80,8 +98,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, profiles: list[S
             write_atomic(cache_path, bytes(cache.serialize()))  # after each engine: a failed build keeps the timings
             seconds = time.perf_counter() - t0
             manifest.graphs[name] = {
-                "engine": f"{name}.engine", "onnx": entry[precision]["file"], "precision": precision,
-                "onnx_sha256": entry[precision]["sha256"], "inputs": entry["inputs"], "outputs": entry["outputs"],
+                "engine": f"{name}.engine", "onnx": entry[variant]["file"], "precision": variant,
+                "onnx_sha256": entry[variant]["sha256"], "inputs": entry["inputs"], "outputs": entry["outputs"],
                 "shapes": entry["shapes"], "profile_shapes": shapes, "build_seconds": round(seconds, 1),
             }
             echo(f"[{i}/{len(graphs)}] {name}: built in {seconds:.1f} s, {len(plan) / 1e6:.1f} MB")

@@ -56,6 +56,8 @@ class EngineManifest:
     # per graph: engine (file), onnx (file in onnx_dir), precision, onnx_sha256, inputs, outputs,
     # shapes (symbolic), profile_shapes (per profile: input -> [min, opt, max]), build_seconds
     graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the variant asked for at build time (engine/build.py graph_precision decides per graph)
+    precision: str = "fp16"
 
     def shape_profiles(self) -> list[ShapeProfile]:
         return [ShapeProfile.parse(p) for p in self.profiles]
@@ -78,7 +80,7 @@ class EngineManifest:
                         extra_profile: ShapeProfile | None = None) -> str:
         return build_command(onnx_dir or self.onnx_dir, directory,
                              self.shape_profiles() + ([extra_profile] if extra_profile else []),
-                             self.workspace_mib, self.optimization_level)
+                             self.workspace_mib, self.optimization_level, self.precision)
 
     def check_machine(self, directory: str | Path, tensorrt_version: str, gpu: Gpu) -> None:
         """Engines run only with the TensorRT version and on the GPU that built them."""
@@ -110,10 +112,12 @@ class EngineManifest:
 
 
 def build_command(onnx_dir: str | Path, engine_dir: str | Path, profiles: list[ShapeProfile], workspace_mib: int,
-                  optimization_level: int) -> str:
+                  optimization_level: int, precision: str = "fp16") -> str:
     """The `osdiff build` command line that (re)builds an engine directory."""
     args = ["osdiff", "build", str(Path(onnx_dir).absolute()), "-o", str(Path(engine_dir).absolute())]
     for p in profiles:
         args += ["--profile", str(p)]
     args += ["--workspace", str(workspace_mib), "--opt-level", str(optimization_level)]
+    if precision != "fp16":
+        args += ["--precision", precision]
     return shlex.join(args)

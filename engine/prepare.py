@@ -32,9 +32,11 @@ class PrepareError(ValueError):
     """A graph that cannot be handed to TensorRT as it is."""
 
 
-def prepare_onnx(src: str | Path, dst: str | Path) -> None:
+def prepare_onnx(src: str | Path, dst: str | Path, partition: bool = False) -> None:
     """Rewrite attention into the plain pattern, then fold and sanitize the ONNX graph at `src`
-    into `dst`. Raises PrepareError for a graph with a Scan or Loop (naming how to re-export)."""
+    into `dst`. partition: fold each constant subgraph that ONNX Runtime can evaluate and leave
+    the others (graphs with TensorRT's own ops, such as its FP8 Q/DQ). Raises PrepareError for a
+    graph with a Scan or Loop (naming how to re-export)."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
 
     def with_plain_attention() -> onnx.ModelProto:
@@ -46,4 +48,5 @@ def prepare_onnx(src: str | Path, dst: str | Path) -> None:
         plain_attention(model)
         return model
 
-    SaveOnnx(FoldConstants(with_plain_attention, error_ok=False), path=str(dst))()
+    load = FoldConstants(with_plain_attention, partitioning="basic" if partition else None, error_ok=partition)
+    SaveOnnx(load, path=str(dst))()

@@ -86,8 +86,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """
     form = _export_form
     if form in ("mha", "plain"):
-        # plain graphs are written as mha and rewritten (plain_attention), one decomposition for both
-        return torch.ops.osdiff.attention(q, k, v, heads)
+        # plain graphs are written as mha and rewritten (plain_attention), one decomposition for both;
+        # the channels are static, so the scale is a constant of the graph
+        return torch.ops.osdiff.attention(q, k, v, heads, float(q.shape[-1] // heads) ** -0.5)
     qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
     out = _scan_blocks(qh, kh, vh) if form == "scan" else sdpa(qh, kh, vh)
     return out.transpose(1, 2).flatten(2)
@@ -157,13 +158,14 @@ def _scan_blocks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("osdiff::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float) -> Tensor:
+    # scale is head_size^-0.5, SDPA's default: an argument only so that exporters can write it
     qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
     return sdpa(qh, kh, vh).transpose(1, 2).flatten(2)
 
 
 @_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+def _(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float) -> Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -189,11 +191,26 @@ def onnx_translation() -> dict:
                         OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scale of q k^T")]))
     mha = Opset(MHA_DOMAIN, 1).MultiHeadAttention
 
-    def multi_head_attention(q, k, v, heads: int):  # type: ignore[no-untyped-def]
-        head_size = q.shape[-1] // heads
-        return mha(q, k, v, num_heads=heads, scale=float(head_size) ** -0.5)
+    def multi_head_attention(q, k, v, heads: int, scale: float):  # type: ignore[no-untyped-def]
+        return mha(q, k, v, num_heads=heads, scale=scale)
 
     return {torch.ops.osdiff.attention.default: multi_head_attention}
+
+
+def register_torchscript_symbolic() -> None:
+    """Make torch.onnx.export(dynamo=False), the TorchScript exporter that ModelOpt's Q/DQ export
+    uses (calibration/qdq_export.py), write osdiff::attention as the same MultiHeadAttention node
+    as onnx_translation(). Registering twice is harmless."""
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import parse_args
+
+    @parse_args("v", "v", "v", "i", "f")
+    def multi_head_attention(g, q, k, v, heads, scale):  # type: ignore[no-untyped-def]
+        out = g.op(f"{MHA_DOMAIN}::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
+        out.setType(q.type())
+        return out
+
+    register_custom_op_symbolic("osdiff::attention", multi_head_attention, 1)
 
 
 def plain_attention(model: onnx.ModelProto) -> int:

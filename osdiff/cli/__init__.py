@@ -4,6 +4,7 @@
 |---|---|
 | codec.py | compress, decompress, demo, profile |
 | model.py | export, verify-reference, build, compare |
+| calibrate.py | calibrate |
 | train.py | train |
 | evaluate.py | eval |
 | serve.py | serve, triton-repo |
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from osdiff.cli import codec, evaluate, model, serve, train
+from osdiff.cli import calibrate, codec, evaluate, model, serve, train
 from osdiff.runtime.coder import CODERS, use_coder
 
 
@@ -32,6 +33,6 @@ def main(coder: str | None) -> None:
 
 
 
-for _module in (model, codec, train, evaluate, serve):
+for _module in (model, calibrate, codec, train, evaluate, serve):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -154,7 +154,8 @@ def demo(output: str, image: str | None, random_weights: bool) -> None:
               show_default=True, help="torch-cuda: fp16 heavy stages, channels_last and CUDA graphs on the GPU.")
 @click.option("--engines", type=click.Path(exists=True, file_okay=False), help="Export (onnxruntime) or engine (tensorrt) directory.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: fp16 for torch-cuda, else fp32.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Default: fp16 for torch-cuda, else fp32. int8: the calibrated graphs (onnxruntime).")
 @click.option("--size", type=HxW(), default="512x768", show_default=True, help="HxW of the image.")
 @click.option("--batch", default=1, show_default=True)
 @click.option("--warmup", default=5, show_default=True)

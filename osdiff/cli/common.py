@@ -85,8 +85,9 @@ def backend_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--engines", type=click.Path(exists=True, file_okay=False),
                      help="`osdiff export` directory (onnxruntime) or `osdiff build` directory (tensorrt)."),
         click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1, ...)."),
-        click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-                     help="Precision of the heavy stages; entropy-model graphs always run fp32."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+                     help="Precision of the heavy stages; entropy-model graphs always run fp32. int8: the Q/DQ "
+                          "graphs `osdiff calibrate` added to the export (onnxruntime)."),
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="onnxruntime execution provider."),
         click.option("--max-memory", default=None, metavar="SIZE",
@@ -137,6 +138,9 @@ def open_codec(max_memory: str | None, **options: Any) -> "Codec":
 def open_backend(backend: str | None, engines: str | None, device: str, precision: str, provider: str,
                  **checkpoints: Any) -> "Backend":
     backend = backend or ("onnxruntime" if engines else "torch")
+    if precision == "int8" and backend != "onnxruntime":
+        raise click.UsageError("--precision int8 runs the calibrated graphs of an export: use --engines DIR with "
+                               "--backend onnxruntime (`osdiff calibrate` makes them)")
     if backend == "torch":
         from osdiff.runtime.backends.torch_backend import TorchBackend
 

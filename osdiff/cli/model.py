@@ -57,14 +57,18 @@ def verify_reference(directory: str) -> None:
               help="Builder workspace limit, MiB.")
 @click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
               help="Builder optimization level (higher: longer builds, maybe faster engines).")
+@click.option("--precision", type=click.Choice(["fp16", "int8", "fp8"]), default="fp16", show_default=True,
+              help="Variant of the heavy graphs: fp16, or the Q/DQ graphs of `osdiff calibrate` (strongly typed: "
+                   "the graph decides every tensor's type).")
 @user_errors
-def build(onnx_dir: str, output: str, profiles: tuple[str, ...], workspace: int, opt_level: int) -> None:
+def build(onnx_dir: str, output: str, profiles: tuple[str, ...], workspace: int, opt_level: int, precision: str) -> None:
     """Build a TensorRT engine per graph of an `osdiff export` directory (needs TensorRT and a GPU)."""
     from osdiff.engine.build import build_engines
     from osdiff.engine.profiles import ShapeProfile
 
     t0 = time.perf_counter()
-    build_engines(onnx_dir, output, [ShapeProfile.parse(p) for p in profiles], workspace, opt_level, echo=click.echo)
+    build_engines(onnx_dir, output, [ShapeProfile.parse(p) for p in profiles], workspace, opt_level, echo=click.echo,
+                  precision=precision)
     click.echo(f"built the engines in {output} in {time.perf_counter() - t0:.0f} s")
 
 

@@ -45,8 +45,8 @@ def serve(http_port: int, grpc_port: int, metrics_port: int, instances: int, max
 @click.option("--python-only", is_flag=True,
               help="Graph models on the Python backend (ONNX Runtime, CPU), for tritonservers without the "
                    "onnxruntime backend, such as PyTriton's.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="ONNX variant of the heavy graphs.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="ONNX variant of the heavy graphs (int8: calibrated by `osdiff calibrate`).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=0),
               help="Dynamic batcher of the graph models (TensorRT: the engines' profiles decide).")
 @click.option("--queue-delay-us", default=500, show_default=True, type=click.IntRange(min=0))

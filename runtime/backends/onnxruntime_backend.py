@@ -63,6 +63,9 @@ class OnnxRuntimeBackend:
         self.directory = Path(directory)
         self.manifest, self.models = load_export(self.directory)
         self.precision = precision
+        if precision != "fp32" and not any(precision in e for e in self.manifest["graphs"].values()):
+            how = "re-export without --no-fp16" if precision == "fp16" else f"run `osdiff calibrate --precision {precision}`"
+            raise ExportError(f"{self.directory}: the export has no {precision} graphs; {how}")
         self.providers = PROVIDERS[provider]
         self.device = torch.device("cpu")  # I/O through host memory; see the module docstring
         self.options = ort.SessionOptions()

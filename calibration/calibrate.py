@@ -1,0 +1,210 @@
+"""`osdiff calibrate`: INT8 (and FP8) versions of the heavy graphs of an export, measured.
+
+    1. the fp32 codec runs on the calibration images (calibration/pipeline.py), recording the
+       real inputs of the VAE encoder, G_s, the denoiser and the VAE decoder;
+    2. sensitivity: each graph is quantized whole (calibration/quantize.py), then one block at
+       a time is left quantized and the calibration images are decoded: the drop in decoded
+       PSNR against the originals (mean over images) is that block's cost;
+    3. the skip list: every block whose own cost exceeds `max_block_loss_db`; then all four
+       graphs are quantized together without them, and while the end-to-end loss is over the
+       targets (calibration/precision.py TARGETS) the costliest remaining block is skipped too;
+    4. INT8 graphs are written as ONNX with Q/DQ nodes (int8/<graph>.onnx) and FP8 ones with
+       TensorRT's FP8 Q/DQ ops (fp8/<graph>.onnx), each with a manifest entry: precision,
+       calibrator, images, skipped blocks, measured loss. A calibration over the targets is
+       written but not entered in the manifest unless `accept_loss` (so nothing runs it by
+       accident); calibration.json beside the manifest keeps every number.
+
+The entropy-model graphs are never touched: their fp32 outputs decide the stream's symbols.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from osdiff.calibration.images import CalibrationImage
+from osdiff.calibration.pipeline import CalibrationRun, decode_with, latent_error, quality, run_fp32
+from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS
+from osdiff.calibration.qdq_export import ATTENTION_FORM, count_qdq, export_qdq
+from osdiff.calibration.quantize import Recipe, blocks, modelopt_version, quantize, set_quantized
+from osdiff.export.model import OSDiffModel
+from osdiff.export.onnx_export import ExportError, _sha256, load_export
+from osdiff.files import write_atomic
+
+REPORT = "calibration.json"
+
+
+@dataclass
+class Settings:
+    precisions: tuple[str, ...] = ("int8",)
+    calibrator: str = "percentile"
+    percentile: float = 99.99
+    smoothquant_alpha: float | None = 0.8
+    # a block whose own cost (decoded PSNR drop, dB) exceeds this stays float
+    max_block_loss_db: float = 0.05
+    # at most this many further blocks are skipped to meet the targets
+    max_extra_skips: int = 8
+    sensitivity: bool = True
+    graphs: tuple[str, ...] = QUANTIZED_GRAPHS
+    skip: dict[str, list[str]] = field(default_factory=dict)  # graph -> blocks kept float from the start
+
+    def recipe(self, precision: str) -> Recipe:
+        if precision == "fp8":
+            return Recipe.fp8()
+        return Recipe("int8", self.calibrator, self.percentile, self.smoothquant_alpha)
+
+
+@dataclass
+class PrecisionResult:
+    precision: str
+    recipe: dict
+    skipped: dict[str, list[str]]  # graph -> blocks kept float
+    sensitivity: dict[str, dict[str, dict[str, float]]]  # graph -> block -> quality
+    per_graph: dict[str, dict[str, Any]]  # graph -> loss of that graph alone, latent error, file
+    end_to_end: dict[str, float]
+    within_targets: bool
+    registered: bool
+    seconds: float
+    # the fake-quantized graphs themselves (PyTorch), for measuring them further; not in the report
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+
+    def report(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "modules"}
+
+
+def within(q: dict[str, float]) -> bool:
+    return all(q.get(k, 0.0) <= v for k, v in TARGETS.items())
+
+
+def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[CalibrationImage], settings: Settings,
+              accept_loss: bool = False, echo: Callable[[str], None] = print) -> list[PrecisionResult]:
+    """Calibrate, measure and write (see the module docstring). Raises ExportError when the
+    export is of another model, CalibrationUnavailable without modelopt."""
+    version = modelopt_version()
+    export_dir = Path(export_dir)
+    manifest, _ = load_export(export_dir)
+    if manifest["model"]["fingerprint"] != model.fingerprint.hex():
+        raise ExportError(f"{export_dir}: exported from another model than the one given to calibrate "
+                          f"({manifest['model']['fingerprint'][:16]} vs {model.fingerprint.hex()[:16]})")
+    unknown = set(settings.graphs) - set(QUANTIZED_GRAPHS)
+    if unknown:
+        raise ValueError(f"only {', '.join(QUANTIZED_GRAPHS)} are quantized, not {sorted(unknown)}")
+    t0 = time.perf_counter()
+    echo(f"running the fp32 codec on {len(images)} calibration crops ...")
+    run = run_fp32(model, images)
+    echo(f"  {time.perf_counter() - t0:.1f} s")
+    graphs = model.graphs()
+    results = []
+    for precision in settings.precisions:
+        results.append(_calibrate_precision(model, graphs, run, settings, precision, export_dir, accept_loss, echo))
+    _write(export_dir, results, images, settings, version, accept_loss)
+    return results
+
+
+def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, settings: Settings, precision: str,
+                         export_dir: Path, accept_loss: bool, echo: Callable[[str], None]) -> PrecisionResult:
+    t0 = time.perf_counter()
+    recipe = settings.recipe(precision)
+    originals = [im.pixels for im in run.images]
+    skipped = {g: list(settings.skip.get(g, [])) for g in settings.graphs}
+    sensitivity: dict[str, dict[str, dict[str, float]]] = {}
+    costs: list[tuple[float, str, str]] = []  # (cost, graph, block), for the extra skips
+    for g in settings.graphs:
+        module = graphs[g].module
+        if not settings.sensitivity:
+            continue
+        q = quantize(module, run.inputs[g], recipe)
+        sensitivity[g] = {}
+        block_layers = blocks(module)
+        for i, (block, layers) in enumerate(block_layers.items(), 1):
+            set_quantized(q, set(layers))
+            decoded, stream_bytes = decode_with(model, run, {g: q})
+            sensitivity[g][block] = quality(decoded, run.decoded, originals) | {"rate_change": stream_bytes / run.bytes - 1}
+            cost = sensitivity[g][block]["psnr_drop_db"]
+            costs.append((cost, g, block))
+            echo(f"  {precision} {g} [{i}/{len(block_layers)}] {block}: {_fmt(sensitivity[g][block])}")
+            if cost > settings.max_block_loss_db and block not in skipped[g]:
+                skipped[g].append(block)
+        set_quantized(q, None)
+        decoded, stream_bytes = decode_with(model, run, {g: q})
+        sensitivity[g]["(all blocks)"] = quality(decoded, run.decoded, originals) | {"rate_change": stream_bytes / run.bytes - 1}
+        echo(f"{precision} {g}: {len(block_layers)} blocks measured, all quantized: "
+             f"{_fmt(sensitivity[g]['(all blocks)'])}; over {settings.max_block_loss_db} dB alone: "
+             f"{', '.join(skipped[g]) or 'none'}")
+    costs.sort(reverse=True)
+    extra = [(g, b) for c, g, b in costs if b not in skipped[g] and c > 0][: settings.max_extra_skips]
+    while True:
+        quantized = {g: quantize(graphs[g].module, run.inputs[g], recipe, _layers(graphs[g].module, skipped[g]))
+                     for g in settings.graphs}
+        decoded, stream_bytes = decode_with(model, run, quantized)
+        end_to_end = quality(decoded, run.decoded, originals) | {"rate_change": stream_bytes / run.bytes - 1}
+        echo(f"{precision} all graphs, skipping {sum(map(len, skipped.values()))} block(s): {_fmt(end_to_end)}")
+        if within(end_to_end) or not extra:
+            break
+        g, b = extra.pop(0)
+        skipped[g].append(b)
+        echo(f"  over the targets {TARGETS}: {g} {b} stays float too")
+    ok = within(end_to_end)
+    registered = ok or accept_loss
+    per_graph = {}
+    for g, q in quantized.items():
+        path = export_dir / precision / f"{g}.onnx"
+        export_qdq(q, model.config, g, graphs[g].inputs, graphs[g].outputs, path)
+        alone, _ = decode_with(model, run, {g: q})
+        per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path), "qdq_pairs": count_qdq(path),
+                        "quality": quality(alone, run.decoded, originals),
+                        "latent_error": latent_error(q, graphs[g].module, run.inputs[g])}
+        echo(f"{precision} {g}: wrote {path} ({per_graph[g]['qdq_pairs']} Q/DQ pairs)")
+    if not ok:
+        echo(f"WARNING: {precision} loses more than the targets on the calibration images "
+             f"(PSNR drop {end_to_end['psnr_drop_db']:.3f} dB, MS-SSIM drop {end_to_end.get('ms_ssim_drop', 0):.4f}; "
+             f"targets {TARGETS}); " + ("entered in the manifest anyway (--accept-loss)" if accept_loss else
+                                        "written, but NOT entered in the manifest: --accept-loss to use it"))
+    return PrecisionResult(precision, recipe.describe(), skipped, sensitivity, per_graph, end_to_end, ok, registered,
+                           time.perf_counter() - t0, quantized)
+
+
+def _layers(module: nn.Module, skip_blocks: list[str]) -> list[str]:
+    by_block = blocks(module)
+    return [layer for b in skip_blocks for layer in by_block.get(b, [])]
+
+
+def _fmt(q: dict[str, float]) -> str:
+    s = f"PSNR drop {q['psnr_drop_db']:+.3f} dB ({q['psnr_vs_fp32_db']:.1f} dB vs fp32)"
+    if "ms_ssim_drop" in q:
+        s += f", MS-SSIM drop {q['ms_ssim_drop']:+.4f}"
+    return s
+
+
+def _write(export_dir: Path, results: list[PrecisionResult], images: list[CalibrationImage], settings: Settings,
+           version: str, accept_loss: bool) -> None:
+    """calibration.json with every number, and the registered graphs in manifest.json."""
+    command = shlex.join(["osdiff", *sys.argv[1:]]) if Path(sys.argv[0]).name == "osdiff" else None
+    names = [im.name for im in images]
+    report = {"command": command, "modelopt": version, "images": names, "crop": list(images[0].pixels.shape[:2]),
+              "settings": asdict(settings), "targets": TARGETS, "attention": ATTENTION_FORM,
+              "results": {r.precision: r.report() for r in results}}
+    write_atomic(export_dir / REPORT, json.dumps(report, indent=1).encode())
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    for r in results:
+        for g, entry in manifest["graphs"].items():
+            entry.pop(r.precision, None)  # an earlier calibration's entry
+            if r.registered and g in r.per_graph:
+                p = r.per_graph[g]
+                entry[r.precision] = {
+                    "file": p["file"], "sha256": p["sha256"], "calibrator": r.recipe["calibrator"],
+                    "recipe": r.recipe, "images": names, "skipped_blocks": r.skipped[g], "loss": p["quality"],
+                    "latent_error": p["latent_error"], "attention": ATTENTION_FORM,
+                    "runs_on": "onnxruntime, tensorrt" if r.precision == "int8" else "tensorrt",
+                }
+        manifest.setdefault("calibration", {})[r.precision] = {
+            "report": REPORT, "end_to_end": r.end_to_end, "within_targets": r.within_targets, "registered": r.registered}
+    write_atomic(export_dir / "manifest.json", json.dumps(manifest, indent=1).encode())

@@ -1,0 +1,132 @@
+"""Calibration images: the photographs whose real activations set the INT8/FP8 ranges.
+
+Default: the built-in model's training photographs (training/data.py TRAIN_PHOTOS, shipped in
+scikit-image's and matplotlib's wheels). Never an evaluation image: the held-out photographs
+(chelsea, coffee, rocket) and the bundled demo photo (a crop of chelsea) are refused, by file
+name and by pixel content, because a quality figure measured on the images that set the ranges
+would flatter the quantization.
+
+Each image gives `crops` square crops of `size` pixels (a multiple of the model's pad multiple):
+the whole picture scaled so that its shorter side is `size`, centre-cropped (the image's overall
+content), then centre crops at native resolution (its fine texture), so that the ranges see both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from osdiff.files import ImageError, read_image
+
+# at least this many images: percentile and entropy calibrators estimate the tails of the
+# activation histograms, which a couple of pictures do not show
+MIN_IMAGES = 4
+_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class CalibrationError(ValueError):
+    """Calibration images that are too few, unreadable, or evaluation images."""
+
+
+@dataclass(frozen=True)
+class CalibrationImage:
+    name: str  # file name (or bundled photo name) and crop, e.g. "astronaut.png@scaled"
+    pixels: np.ndarray  # size x size x 3 uint8
+
+
+def evaluation_images() -> dict[str, np.ndarray]:
+    """The images quality is reported on (name -> H x W x 3 uint8): the held-out photographs,
+    where scikit-image is installed, and the bundled demo photo."""
+    from osdiff.training.data import HELD_OUT_PHOTOS, bundled_photo
+
+    out = {}
+    for name in HELD_OUT_PHOTOS:
+        try:
+            out[name] = bundled_photo(name)
+        except FileNotFoundError:
+            continue  # not installed: the name check below still refuses them
+    with resources.as_file(resources.files("osdiff") / "assets" / "demo.png") as demo:
+        out["demo.png (the bundled demo photo)"] = read_image(demo)
+    return out
+
+
+def _refuse_evaluation_image(label: str, pixels: np.ndarray, evaluation: dict[str, np.ndarray]) -> None:
+    from osdiff.training.data import HELD_OUT_PHOTOS
+
+    stems = {Path(n).stem for n in HELD_OUT_PHOTOS} | {"demo"}
+    same = [n for n, ev in evaluation.items() if ev.shape == pixels.shape and np.array_equal(ev, pixels)]
+    if same or Path(label).stem.lower() in stems:
+        what = same[0] if same else Path(label).name
+        raise CalibrationError(
+            f"{label}: is an evaluation image ({what}); quality is measured on chelsea, coffee, rocket and the demo "
+            "photo, so they never set the quantization ranges: calibrate on other photos (default: the built-in "
+            "model's training photos)")
+
+
+def load_calibration_images(paths: list[str | Path] | None, size: int, crops: int = 1) -> list[CalibrationImage]:
+    """Calibration crops from image files and folders (searched recursively), or from the
+    built-in training photographs when `paths` is None or empty.
+
+    Raises CalibrationError: fewer than MIN_IMAGES images, an unreadable image, an evaluation
+    image, or an image smaller than `size` on its shorter side.
+    """
+    if size <= 0 or crops < 1:
+        raise CalibrationError(f"crop size and crops per image must be positive (got {size}, {crops})")
+    evaluation = evaluation_images()
+    images: list[tuple[str, np.ndarray]] = []
+    if not paths:
+        from osdiff.training.data import TRAIN_PHOTOS, bundled_photo
+
+        try:
+            images = [(name, bundled_photo(name)) for name in TRAIN_PHOTOS]
+        except FileNotFoundError as e:
+            raise CalibrationError(f"the default calibration photos are missing: {e}") from e
+    else:
+        files: list[Path] = []
+        for p in map(Path, paths):
+            if p.is_dir():
+                files += sorted(f for f in p.rglob("*") if f.suffix.lower() in _EXTENSIONS)
+            elif p.is_file():
+                files.append(p)
+            else:
+                raise CalibrationError(f"{p}: no such file or folder")
+        for f in files:
+            try:
+                images.append((str(f), read_image(f)))
+            except ImageError as e:
+                raise CalibrationError(f"calibration image {e}; remove it or give readable images") from e
+    if len(images) < MIN_IMAGES:
+        raise CalibrationError(f"calibration needs at least {MIN_IMAGES} images, got {len(images)}"
+                               f"{' in ' + ', '.join(map(str, paths)) if paths else ''}: the activation ranges "
+                               "would be set by too little content")
+    out = []
+    for label, pixels in images:
+        _refuse_evaluation_image(label, pixels, evaluation)
+        if min(pixels.shape[:2]) < size:
+            raise CalibrationError(f"{label}: {pixels.shape[0]}x{pixels.shape[1]} is smaller than the "
+                                   f"{size}x{size} calibration crop (choose a smaller --crop)")
+        out += [CalibrationImage(f"{Path(label).name}@{tag}", crop) for tag, crop in _crops(pixels, size, crops)]
+    return out
+
+
+def _crops(pixels: np.ndarray, size: int, count: int) -> list[tuple[str, np.ndarray]]:
+    h, w = pixels.shape[:2]
+    k = size / min(h, w)
+    scaled = np.asarray(Image.fromarray(pixels).resize((max(size, round(w * k)), max(size, round(h * k))), Image.LANCZOS))
+    out = [("scaled", _centre(scaled, size, 0.5, 0.5))]
+    # native-resolution crops spread along the longer side
+    for i in range(1, count):
+        f = i / count
+        out.append((f"native{i}", _centre(pixels, size, f if h > w else 0.5, 0.5 if h > w else f)))
+    return out
+
+
+def _centre(pixels: np.ndarray, size: int, fy: float, fx: float) -> np.ndarray:
+    h, w = pixels.shape[:2]
+    top = min(max(round(fy * h - size / 2), 0), h - size)
+    left = min(max(round(fx * w - size / 2), 0), w - size)
+    return np.ascontiguousarray(pixels[top: top + size, left: left + size])
