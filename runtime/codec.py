@@ -257,7 +257,11 @@ class Codec:
         return tensor_to_image(self.decompress_reference_tensor(data, height, width, seed, trace))
 
     def decompress_reference_tensor(self, data: bytes, height: int, width: int, seed: int = 0,
-                                    trace: Trace = NO_TRACE, x_T: Tensor | None = None) -> Tensor:
+                                    trace: Trace = NO_TRACE, x_T: Tensor | None = None,
+                                    models: EntropyModels | None = None) -> Tensor:
+        """decompress_reference before the uint8 conversion: 1 x 3 x H x W float32 in [0, 1].
+        x_T: the noise instead of the seed's; models: the entropy models to read the stream
+        with instead of `reference_tables` (a golden set's own tables, in verify-reference)."""
         z_shape, y_string, z_string = read_reference(data)
         hp, wp = self._check_size(height, width)
         f = self.cfg.pad_multiple
@@ -265,7 +269,7 @@ class Codec:
             raise StreamError(f"the stream's z shape {z_shape} does not fit a {height}x{width} image")
         self._admit(self.estimate(height, width, True, None),
                     "the reference format decodes whole images only: use a machine with more memory")
-        y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace, self.reference_models)
+        y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace, models or self.reference_models)
         return self.decode_image(y_hat, seed, (height, width), trace, x_T)
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
