@@ -10,6 +10,13 @@ PyTorch modules) rather than in builder flags.
 # hyper-synthesis output feeds them.
 FP16_GRAPHS = ("vae_encoder", "synthesis", "denoiser", "vae_decoder")
 
+
+def fp32_by_design(graph: str) -> bool:
+    """Whether a graph runs in fp32 at every precision a backend is asked for: the LFGCM graphs
+    (analysis, hyper_synthesis, entropy_anchor_k, entropy_nonanchor_k), whose outputs decide
+    symbols and CDF indexes. Every other graph must exist in the precision asked for."""
+    return graph not in FP16_GRAPHS
+
 # Operations kept in fp32 inside the fp16 graphs, and why.
 FP16_ISLANDS = {
     "group_norm": "mean/variance over up to 64x96x... elements overflow or lose precision in fp16; "

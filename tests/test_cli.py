@@ -112,10 +112,39 @@ def test_usage_errors(inputs, tiny_dir, tmp_path):
 
 
 def test_export_command_writes_the_graphs_it_is_asked_for(tiny_dir, tmp_path):
+    from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
     result = run("export", "--sd", tiny_dir / "sd21_tiny.ckpt", "--osdiff", tiny_dir / "osdiff_tiny.ckpt",
                  "--config", tiny_dir / "config.json", "-o", tmp_path, "--only", "analysis", "--only", "synthesis")
     assert "[1/2] analysis fp32" in result.output and "[2/2] synthesis fp16" in result.output
     assert sorted(p.name for p in (tmp_path / "fp32").iterdir()) == ["analysis.onnx", "synthesis.onnx"]
+    # fp16 runs the fp16 synthesis, and the LFGCM's analysis in fp32, by design
+    backend = OnnxRuntimeBackend(tmp_path, precision="fp16")
+    assert backend.variants["synthesis"]["file"] == "fp16/synthesis.onnx"
+    assert backend.variants["analysis"]["file"] == "fp32/analysis.onnx"
+
+
+def test_a_precision_the_export_lacks_is_an_error(tiny_dir, inputs, tmp_path):
+    """Not a silent fp32 run: the error names the graph and how to export it."""
+    from osdiff.export.onnx_export import ExportError
+    from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from osdiff.serving.repository import RepositoryOptions, write_repository
+
+    export = tmp_path / "fp32-only"
+    run("export", "--sd", tiny_dir / "sd21_tiny.ckpt", "--osdiff", tiny_dir / "osdiff_tiny.ckpt", "--config",
+        tiny_dir / "config.json", "-o", export, "--only", "analysis", "--only", "synthesis", "--no-fp16")
+    assert OnnxRuntimeBackend(export, precision="fp32").variants["synthesis"]["file"] == "fp32/synthesis.onnx"
+    with pytest.raises(ExportError) as e:
+        OnnxRuntimeBackend(export, precision="fp16")
+    message = str(e.value)
+    assert "no fp16 variant of 'synthesis' (" in message and "'analysis'" not in message
+    assert "--no-fp16" in message and "fp32 by design" in message
+    out = run("compress", inputs / "photo.png", "-o", tmp_path / "x.osd", "--engines", export, "--precision", "fp16",
+              ok=False).output
+    assert "no fp16 variant of 'synthesis'" in out and not (tmp_path / "x.osd").exists()
+    with pytest.raises(ExportError, match="no fp16 variant of 'synthesis'"):
+        write_repository(export, tmp_path / "repo", RepositoryOptions(precision="fp16"))
+    assert not (tmp_path / "repo").exists()
 
 
 @pytest.mark.slow

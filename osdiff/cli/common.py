@@ -86,7 +86,9 @@ def backend_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="`osdiff export` directory (onnxruntime) or `osdiff build` directory (tensorrt)."),
         click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1, ...)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-                     help="Precision of the heavy stages; entropy-model graphs always run fp32."),
+                     help="Precision of the heavy stages (VAE, G_s, denoiser); an export without that variant of one is "
+                          "an error. The LFGCM graphs (analysis, entropy models) are fp32 by design. tensorrt: the "
+                          "engines' own, set when they were built."),
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="onnxruntime execution provider."),
         click.option("--max-memory", default=None, metavar="SIZE",

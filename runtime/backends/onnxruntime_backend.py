@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
+from osdiff.calibration.precision import fp32_by_design
 from osdiff.export.onnx_export import ExportError, load_export
 
 PROVIDERS = {
@@ -50,7 +51,36 @@ def _share_cpu_arena() -> None:
             _arena_shared = True
 
 
+# How to get a precision's variants into an export (osdiff export's flags)
+_EXPORT_HINT = {"fp16": "`osdiff export` writes them unless --no-fp16 is given"}
+
+
+def graph_variants(directory: str | Path, manifest: dict, precision: str) -> dict[str, dict]:
+    """The manifest entry ({"file", "sha256"}) of the variant each graph of an export runs in
+    at `precision`: its variant of that precision, else fp32 for the graphs that are fp32 by
+    design (calibration/precision.py: the LFGCM graphs). ExportError naming every other graph
+    the export lacks in that precision, and how to export it: never a silent fp32 run."""
+    variants, missing = {}, []
+    for graph, entry in manifest["graphs"].items():
+        if precision in entry:
+            variants[graph] = entry[precision]
+        elif fp32_by_design(graph) and "fp32" in entry:
+            variants[graph] = entry["fp32"]
+        else:
+            missing.append(graph)
+    if missing:
+        how = _EXPORT_HINT.get(precision, f"export them in {precision} with `osdiff export`")
+        raise ExportError(
+            f"precision {precision}: the export in {directory} has no {precision} variant of "
+            f"{', '.join(repr(g) for g in missing)} ({how}); re-export the model, or use --precision fp32. "
+            "The LFGCM graphs (analysis, hyper_synthesis, entropy_*) are fp32 by design and run in fp32 at every precision")
+    return variants
+
+
 class OnnxRuntimeBackend:
+    """precision: the variant of the heavy graphs to run ("fp32", "fp16"); the LFGCM graphs
+    run fp32 whatever it is. ExportError at construction if the export lacks it for a graph."""
+
     name = "onnxruntime"
 
     def __init__(self, directory: str | Path, precision: str = "fp32", provider: str = "cpu",
@@ -63,6 +93,7 @@ class OnnxRuntimeBackend:
         self.directory = Path(directory)
         self.manifest, self.models = load_export(self.directory)
         self.precision = precision
+        self.variants = graph_variants(self.directory, self.manifest, precision)
         self.providers = PROVIDERS[provider]
         self.device = torch.device("cpu")  # I/O through host memory; see the module docstring
         self.options = ort.SessionOptions()
@@ -89,10 +120,9 @@ class OnnxRuntimeBackend:
 
     def _create(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            entry = self.manifest["graphs"].get(graph)
-            if entry is None:
+            variant = self.variants.get(graph)
+            if variant is None:
                 raise ExportError(f"{self.directory}: graph {graph!r} was not exported")
-            variant = entry.get(self.precision, entry["fp32"])
             path = self.directory / variant["file"]
             if not path.exists():
                 raise ExportError(f"{path}: missing; re-run `osdiff export`")
@@ -104,10 +134,10 @@ class OnnxRuntimeBackend:
         encode_only = ("vae_encoder", "analysis")
         decode_only = ("synthesis", "denoiser", "vae_decoder")
         total = 0
-        for name, entry in self.manifest["graphs"].items():
+        for name, variant in self.variants.items():
             if name in self._sessions or name in (encode_only if decode else decode_only):
                 continue
-            path = self.directory / entry.get(self.precision, entry["fp32"])["file"]
+            path = self.directory / variant["file"]
             for f in (path, path.with_name(path.name + ".data")):
                 total += f.stat().st_size if f.exists() else 0
         return total
