@@ -90,7 +90,8 @@ class Codec:
         in memory, else the largest tile that does), None (whole image or MemoryLimitError),
         or a tile side in pixels (a multiple of the pad multiple)."""
         seeds = seeds if seeds is not None else [0] * len(images)
-        grid = self.plan(*images[0].shape[:2], tile, batch=len(images))
+        with trace("memory_plan"):  # the first time for an image size, seconds (runtime/memory.py)
+            grid = self.plan(*images[0].shape[:2], tile, batch=len(images))
         out = []
         for image, seed, coded in zip(images, seeds, self.encode_latents(images, trace, grid)):
             height, width = image.shape[:2]
@@ -164,7 +165,8 @@ class Codec:
     def compress_reference(self, image: np.ndarray, trace: Trace = NO_TRACE) -> bytes:
         """The original implementation's stream format (see decompress_reference); it has no
         room for a tile grid, so the image must fit whole."""
-        self.plan(*image.shape[:2], None)
+        with trace("memory_plan"):
+            self.plan(*image.shape[:2], None)
         (coded,) = self.encode_latents([image], trace, models=self.reference_models)
         return write_reference(coded.z_shape, coded.y_string, coded.z_string)
 
@@ -235,9 +237,10 @@ class Codec:
                 grid.check(f)
             except ValueError as e:
                 raise StreamError(f"the stream's {e}") from e
-        est = self.estimate(streams[0].height, streams[0].width, True, grid, len(streams))
-        self._admit(est, "decode it on a machine with more memory (the tile grid is fixed by the "
-                         "stream; re-encode with a smaller --tile to need less)")
+        with trace("memory_plan"):
+            est = self.estimate(streams[0].height, streams[0].width, True, grid, len(streams))
+            self._admit(est, "decode it on a machine with more memory (the tile grid is fixed by the "
+                             "stream; re-encode with a smaller --tile to need less)")
         y_hats = []
         for stream in streams:
             coded = CodedLatent(stream.z_string, stream.y_string, (hp // f, wp // f), [])
@@ -267,8 +270,9 @@ class Codec:
         f = self.cfg.pad_multiple
         if z_shape != (hp // f, wp // f):
             raise StreamError(f"the stream's z shape {z_shape} does not fit a {height}x{width} image")
-        self._admit(self.estimate(height, width, True, None),
-                    "the reference format decodes whole images only: use a machine with more memory")
+        with trace("memory_plan"):
+            self._admit(self.estimate(height, width, True, None),
+                        "the reference format decodes whole images only: use a machine with more memory")
         y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace, models or self.reference_models)
         return self.decode_image(y_hat, seed, (height, width), trace, x_T)
 

@@ -11,6 +11,7 @@ it); session creation takes a lock, so two threads never load the same graph twi
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,7 @@ class OnnxRuntimeBackend:
             self.options.intra_op_num_threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
+        self.session_seconds = 0.0  # spent creating sessions so far (the first run of each graph pays it)
 
     def session(self, graph: str) -> ort.InferenceSession:
         session = self._sessions.get(graph)
@@ -126,7 +128,9 @@ class OnnxRuntimeBackend:
             path = self.directory / variant["file"]
             if not path.exists():
                 raise ExportError(f"{path}: missing; re-run `osdiff export`")
+            t0 = time.perf_counter()
             self._sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+            self.session_seconds += time.perf_counter() - t0
         return self._sessions[graph]
 
     def unloaded_bytes(self, decode: bool) -> int:
