@@ -29,7 +29,6 @@ from osdiff.config import ConfigError, ModelConfig
 from osdiff.export.checkpoint import CheckpointError, CheckpointWarning
 from osdiff.files import ImageError
 from osdiff.runtime.coder import StreamError
-
 from osdiff.runtime.profiling import Trace
 
 if TYPE_CHECKING:
@@ -107,7 +106,6 @@ class _Bar:
     is redrawn twice a second, so that its clock runs on through a long stage."""
 
     def __init__(self, enabled: bool, **bar: Any) -> None:
-        self.enabled = enabled
         self.bar = tqdm(file=sys.stderr, disable=not enabled, delay=PROGRESS_DELAY_S, leave=False, **bar)
         self._lock = threading.Lock()  # the ticking thread and the work both redraw
         self._stop = threading.Event()
