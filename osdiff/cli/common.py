@@ -106,7 +106,8 @@ class _Bar:
     is redrawn twice a second, so that its clock runs on through a long stage."""
 
     def __init__(self, enabled: bool, **bar: Any) -> None:
-        self.bar = tqdm(file=sys.stderr, disable=not enabled, delay=PROGRESS_DELAY_S, leave=False, **bar)
+        # miniters 0 (fixed): an update(0) redraws too, which is what the ticking thread does
+        self.bar = tqdm(file=sys.stderr, disable=not enabled, delay=PROGRESS_DELAY_S, leave=False, miniters=0, **bar)
         self._lock = threading.Lock()  # the ticking thread and the work both redraw
         self._stop = threading.Event()
         if enabled:
@@ -147,7 +148,8 @@ class RunProgress(_Bar):
     progress."""
 
     def __init__(self, warmups: int, runs: int, enabled: bool) -> None:
-        super().__init__(enabled, total=warmups + runs, desc="warm-up", unit="run", dynamic_ncols=True)
+        # smoothing 0: the rate over the whole run (the ticking redraws would skew a moving average)
+        super().__init__(enabled, total=warmups + runs, desc="warm-up", unit="run", dynamic_ncols=True, smoothing=0)
         self.warmups = warmups
 
     def stage(self, name: str) -> None:
