@@ -44,7 +44,7 @@ from osdiff.export.model import OSDiffModel  # noqa: E402
 from osdiff.files import read_image  # noqa: E402
 from osdiff.runtime.backends.torch_backend import TorchBackend  # noqa: E402
 from osdiff.runtime.bitstream import MAGIC, OsdStream, read_reference, write_reference  # noqa: E402
-from osdiff.runtime.codec import Codec, image_to_tensor, tensor_to_image  # noqa: E402
+from osdiff.runtime.codec import REFERENCE_PADDING, Codec, image_to_tensor, tensor_to_image  # noqa: E402
 from osdiff.runtime.profiler import Profile, profile  # noqa: E402
 from osdiff.runtime.profiling import NO_TRACE, Trace, stage_of  # noqa: E402
 
@@ -59,9 +59,12 @@ class ReferenceStyleCodec(Codec):
 
     size = (0, 0)
 
-    def compress_batch(self, images: list[np.ndarray], seeds: list[int] | None = None,
-                       trace: Trace = NO_TRACE, tile: int | str | None = None) -> list[bytes]:
-        # whole images only, as the reference codes them: `tile` is accepted for Codec.compress
+    def compress_batch(self, images: list[np.ndarray], seeds: list[int] | None = None, trace: Trace = NO_TRACE,
+                       tile: int | str | None = None, padding: str = REFERENCE_PADDING) -> list[bytes]:
+        # whole, zero-padded images only, as the reference codes them: `tile` and `padding` are
+        # accepted for Codec.compress
+        if padding != REFERENCE_PADDING:
+            raise ValueError(f"the reference style pads with zeros, not {padding!r}")
         self.size = images[0].shape[:2]
         out = []
         for image in images:
@@ -234,7 +237,7 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
     for name, codec in codecs.items():
         print(f"{name} ...", file=sys.stderr)
         results[name] = profile(codec, [image], warmup=warmup, runs=runs, backend_name=name)
-        streams[name] = codec.compress(image)
+        streams[name] = codec.compress(image, padding=REFERENCE_PADDING)  # the baseline's zero padding
     baseline = baseline or next(iter(results))
     reference = strings(streams[baseline])
     base = results[baseline]

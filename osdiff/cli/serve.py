@@ -46,7 +46,8 @@ def serve(http_port: int, grpc_port: int, metrics_port: int, instances: int, max
               help="Graph models on the Python backend (ONNX Runtime, CPU), for tritonservers without the "
                    "onnxruntime backend, such as PyTriton's.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="ONNX variant of the heavy graphs (int8: calibrated by `osdiff calibrate`).")
+              help="ONNX variant of the heavy graphs (an error where the export lacks it; int8: calibrated by "
+                   "`osdiff calibrate`); the LFGCM graphs are fp32 by design.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=0),
               help="Dynamic batcher of the graph models (TensorRT: the engines' profiles decide).")
 @click.option("--queue-delay-us", default=500, show_default=True, type=click.IntRange(min=0))
