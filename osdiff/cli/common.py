@@ -126,12 +126,12 @@ def load_model(sd: str | None, osdiff_ckpt: str | None, config: str | None, rand
     return model
 
 
-def open_codec(max_memory: str | None, **options: Any) -> "Codec":
-    from osdiff.runtime.codec import Codec
+def open_codec(max_memory: str | None, max_pixels: int | None = None, **options: Any) -> "Codec":
+    from osdiff.runtime.codec import DEFAULT_MAX_PIXELS, Codec
     from osdiff.runtime.memory import parse_size
 
     limit = parse_size(max_memory) if max_memory else None
-    return Codec(open_backend(**options), max_memory=limit)
+    return Codec(open_backend(**options), max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_memory=limit)
 
 
 def open_backend(backend: str | None, engines: str | None, device: str, precision: str, provider: str,
