@@ -32,8 +32,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 HAPROXY_BUFSIZE = 1 << 20  # an L7 retry re-sends a request only if it fits in one buffer
 RESTART_DELAY_MAX_S = 30.0
@@ -245,6 +247,31 @@ class Fleet:
                     r.start()
                     self._event(r, "started")
                     due[i] = 0.0
+
+
+def serve_until_signal(options: FleetOptions, echo: Callable[[str], None]) -> None:
+    """`osdiff fleet`: start the fleet, serve until SIGTERM or SIGINT, then drain and stop.
+    A signal while it starts stops what was started. Raises FleetError (see Fleet)."""
+    started, stop = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not started.is_set():
+            raise KeyboardInterrupt  # Fleet.start stops what it started
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    fleet = Fleet(options)
+    fleet.start()
+    started.set()
+    echo(f"fleet of {options.replicas}: HTTP :{options.http_port}, gRPC :{options.grpc_port}; HAProxy statistics "
+         f":{options.stats_port}/stats, its metrics :{options.stats_port}/metrics; replica metrics on "
+         + ", ".join(f":{r.metrics_port}/metrics" for r in fleet.replicas)
+         + f" ({options.workdir}/prometheus.yml); SIGTERM or Ctrl-C drains and stops")
+    while not stop.wait(1.0):
+        pass
+    echo("draining the replicas ...")
+    fleet.stop()
 
 
 def haproxy_config(options: FleetOptions, replicas: list[Replica]) -> str:

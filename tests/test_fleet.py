@@ -231,3 +231,38 @@ def test_fleet_balances_and_survives_a_sigkill(tmp_path):
     assert chaos["failed_not_in_flight_at_kill"] == 0, chaos["failed_requests"]
     assert result["failed_after_client_retry"] == 0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_osdiff_fleet_command(tmp_path):
+    """`osdiff fleet --replicas 1 -- --config demo`: serves through HAProxy, drains and exits on
+    SIGTERM, leaving no process behind."""
+    import psutil
+
+    if shutil.which("haproxy") is None:
+        pytest.skip("HAProxy is not installed (apt-get install haproxy)")
+    http, grpc, stats = free_ports(3)
+    base = free_ports(1)[0] // 16 * 16 + 8
+    log = tmp_path / "fleet.log"
+    process = subprocess.Popen([sys.executable, "-m", "osdiff.cli", "fleet", "--replicas", "1", "--http-port", str(http),
+                                "--grpc-port", str(grpc), "--stats-port", str(stats), "--base-port", str(base),
+                                "--workdir", str(tmp_path / "fleet"), "--", "--config", "demo"],
+                               stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "fleet of 1" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        children = psutil.Process(process.pid).children(recursive=True)
+        names = {c.name() for c in children}
+        assert "haproxy" in names and "tritonserver" in names, names
+        image = _photo(32, 48)
+        with CodecClient(f"127.0.0.1:{http}", "http") as h, CodecClient(f"127.0.0.1:{grpc}", "grpc") as g:
+            stream = h.compress(image)
+            assert g.compress(image) == stream and np.array_equal(h.decompress(stream), g.decompress(stream))
+        assert http_status(f"http://127.0.0.1:{stats}/metrics") == 200
+        assert "osdiff-replicas" in (tmp_path / "fleet" / "prometheus.yml").read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=180)
+    assert code == 0, log.read_text()[-3000:]
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], children

@@ -79,7 +79,7 @@ def triton_repo(engines: str, output: str, python_only: bool, precision: str, ma
 @click.option("--stats-port", default=8404, show_default=True,
               help="HAProxy's statistics (/stats) and Prometheus metrics (/metrics).")
 @click.option("--base-port", default=9000, show_default=True,
-              help="Replica i listens on base+3i (HTTP), +1 (gRPC), +2 (metrics), on 127.0.0.1.")
+              help="Replica i listens on base+3i (HTTP), +1 (gRPC), +2 (metrics).")
 @click.option("--workdir", default="osdiff-fleet", show_default=True, type=click.Path(file_okay=False),
               help="Where haproxy.cfg, prometheus.yml and the logs go.")
 @click.argument("serve_args", nargs=-1, type=click.UNPROCESSED)
@@ -88,39 +88,17 @@ def fleet(replicas: int, http_port: int, grpc_port: int, stats_port: int, base_p
     """N `osdiff serve` replicas behind HAProxy (HTTP and gRPC, health-checked on readiness),
     restarted when they exit. SERVE_ARGS after `--` go to every `osdiff serve`, e.g.
     `osdiff fleet --replicas 3 -- --config demo`. Needs HAProxy (apt-get install haproxy)."""
-    import signal
-    import threading
     from pathlib import Path
 
-    from osdiff.serving.fleet import Fleet, FleetError, FleetOptions
+    from osdiff.serving.fleet import FleetError, FleetOptions, serve_until_signal
 
     options = FleetOptions(replicas, list(serve_args), Path(workdir), http_port=http_port, grpc_port=grpc_port,
                            stats_port=stats_port, base_port=base_port)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if not started.is_set():
-            raise KeyboardInterrupt  # Fleet.start stops what it started
-        stop.set()
-
-    started = threading.Event()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    click.echo(f"starting {replicas} replica(s) (logs in {workdir}) ...", err=True)
     try:
-        f = Fleet(options)
-        click.echo(f"starting {replicas} replica(s) (logs in {workdir}) ...", err=True)
-        f.start()
+        serve_until_signal(options, lambda line: click.echo(line, err=True))
     except FleetError as e:
         raise click.ClickException(str(e)) from e
-    started.set()
-    click.echo(f"fleet of {replicas}: HTTP :{http_port}, gRPC :{grpc_port}; HAProxy stats :{stats_port}/stats, "
-               f"balancer metrics :{stats_port}/metrics; replica metrics on "
-               + ", ".join(f":{r.metrics_port}/metrics" for r in f.replicas)
-               + f" ({workdir}/prometheus.yml); SIGTERM or Ctrl-C drains and stops", err=True)
-    while not stop.wait(1.0):
-        pass
-    click.echo("draining the replicas ...", err=True)
-    f.stop()
 
 
 COMMANDS = [serve, triton_repo, fleet]
