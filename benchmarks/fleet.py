@@ -291,9 +291,10 @@ def haproxy_log_summary(path: Path, since: str | None = None) -> dict[str, Any]:
 @click.option("--chaos-s", default=1.0, show_default=True, help="0: no chaos phase; else run on for this long after the last replica is back.")
 @click.option("--size", default="64x96", show_default=True, help="HxW of the photos.")
 @click.option("--base-port", default=19500, show_default=True)
+@click.option("--balancer-retries", default=3, show_default=True, help="HAProxy's tries on other replicas (0: none).")
 @click.option("--json", "json_path", default=str(DEFAULT_JSON), show_default=True)
 def main(replicas: int, serve_args: str, concurrency: str, per_phase: int, chaos_concurrency: int, kill_after: float,
-         chaos_s: float, size: str, base_port: int, json_path: str) -> None:
+         chaos_s: float, size: str, base_port: int, balancer_retries: int, json_path: str) -> None:
     import grpc.experimental.gevent as grpc_gevent
 
     grpc_gevent.init_gevent()  # gRPC calls yield to the other Locust users
@@ -313,7 +314,8 @@ def main(replicas: int, serve_args: str, concurrency: str, per_phase: int, chaos
 
     workdir = Path(tempfile.mkdtemp(prefix="osdiff-fleet-bench-"))
     ports = {"http_port": base_port - 4, "grpc_port": base_port - 3, "stats_port": base_port - 2}
-    options = FleetOptions(replicas, serve_args.split(), workdir, address="127.0.0.1", base_port=base_port, **ports)
+    options = FleetOptions(replicas, serve_args.split(), workdir, address="127.0.0.1", base_port=base_port,
+                           balancer_retries=balancer_retries, **ports)
     fleet = Fleet(options)
     click.echo(f"starting {replicas} replicas (logs in {workdir}) ...", err=True)
     t_start = time.monotonic()
@@ -324,6 +326,7 @@ def main(replicas: int, serve_args: str, concurrency: str, per_phase: int, chaos
         "command": " ".join(["python", "benchmarks/fleet.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": _cpu_model()},
         "replicas": replicas, "serve_args": serve_args, "balancer": "HAProxy " + _haproxy_version(),
+        "balancer_retries": balancer_retries,
         "inputs": {"photos": [f"skimage.data.{p}" for p in PHOTOS], "size": [height, width]},
         "load_generator": "Locust (users driving tritonclient over HTTP and gRPC)", "fleet_startup_s": round(startup_s, 1),
     }

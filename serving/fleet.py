@@ -56,6 +56,7 @@ class FleetOptions:
     stats_port: int = 8404
     base_port: int = 9000  # replica i: HTTP base + 3i, gRPC + 1, metrics + 2 (on 127.0.0.1)
     ready_timeout_s: float = 600.0
+    balancer_retries: int = 3  # HAProxy's tries of a request on other replicas (0: none)
 
 
 class Replica:
@@ -279,6 +280,12 @@ def haproxy_config(options: FleetOptions, replicas: list[Replica]) -> str:
     http_servers = "\n".join(f"    server {r.name} {r.http}" for r in replicas)
     # gRPC is HTTP/2 without TLS (h2c) to the replicas; its health check asks the replica's HTTP port
     grpc_servers = "\n".join(f"    server {r.name} {r.grpc} proto h2 port {r.http_port} check-proto h1" for r in replicas)
+    retry = f"""    # A request whose replica refused the connection, closed it without an answer or said
+    # 503 goes to another replica (once per try); codec requests have no side effects.
+    retries {options.balancer_retries}
+    option redispatch 1
+    retry-on conn-failure empty-response junk-response 503
+""" if options.balancer_retries else "    retries 0\n    retry-on none\n"
     return f"""# Written by `osdiff fleet` (serving/fleet.py).
 global
     maxconn 4096
@@ -293,12 +300,7 @@ defaults
     timeout client 10m
     timeout server 10m
     timeout http-request 1m
-    # A request whose replica refused the connection, closed it without an answer or said
-    # 503 goes to another replica (once per try, 3 tries); codec requests have no side effects.
-    retries 3
-    option redispatch 1
-    retry-on conn-failure empty-response junk-response 503
-    # Health: Triton's readiness, true only once both models are loaded (serving/server.py).
+{retry}    # Health: Triton's readiness, true only once both models are loaded (serving/server.py).
     option httpchk
     http-check send meth GET uri /v2/health/ready
     http-check expect status 200
