@@ -11,8 +11,9 @@ starts, into PyTriton's local model store, and tritonserver loads them at start-
 `/v2/health/ready` (and gRPC ServerReady) says ready only once both models are (PyTriton's default
 starts an empty server and loads the models through its API afterwards: ready before they were).
 `/v2/health/live` is liveness: the process runs (tritonserver dies with this process, and this
-process stops when tritonserver or a model's handler dies). On SIGTERM tritonserver stops
-taking requests (not ready, new ones refused with 503 / UNAVAILABLE) and finishes those in flight.
+process stops when tritonserver or a model's handler dies). On SIGTERM tritonserver takes no
+new connection (so readiness fails), answers the requests of the connections it has, and exits
+once they are closed or after exit_timeout_s.
 
 Errors: the proxy model of each model (serving/proxy_model.py, PyTriton's with error responses of
 our own) turns a failed call into per-request errors with a status saying whose fault it is and a
@@ -34,8 +35,8 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
