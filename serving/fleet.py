@@ -6,7 +6,8 @@
 HAProxy (the distribution's package) balances every request, HTTP and gRPC alike (in HTTP mode it
 sees each gRPC call as one HTTP/2 request, so one long-lived client connection is spread over all
 replicas), to the replica with the fewest requests in flight, among those whose readiness
-endpoint (`GET /v2/health/ready` on the replica's HTTP port, every second) answers 200. A request
+endpoint (`GET /v2/health/ready` on the replica's HTTP port, every second) answers 200 (and
+that have not refused a connection since: passive health checks). A request
 whose replica refused the connection or died before answering is sent again to another (L7
 retries: the requests of this codec have no side effects); this needs the whole request in one
 HAProxy buffer (tune.bufsize, here 1 MiB: images up to about 580x580 over binary HTTP or gRPC).
@@ -300,11 +301,13 @@ defaults
     timeout client 10m
     timeout server 10m
     timeout http-request 1m
-{retry}    # Health: Triton's readiness, true only once both models are loaded (serving/server.py).
+{retry}    # Health: Triton's readiness, true only once both models are loaded (serving/server.py),
+    # checked every second; and a replica that refuses a connection of the traffic itself (it
+    # died, or drains) is out at once, until its next good check.
     option httpchk
     http-check send meth GET uri /v2/health/ready
     http-check expect status 200
-    default-server check inter 1s fall 2 rise 1
+    default-server check inter 1s fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down
 
 frontend http
     bind {options.address}:{options.http_port}
