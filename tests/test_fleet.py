@@ -18,7 +18,6 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
