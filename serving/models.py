@@ -93,7 +93,7 @@ class CodecModels:
         seeds: list[int] = []
         owner: list[int] = []  # the request of each item
         for k, r in enumerate(requests):
-            image = self._items(r["image"], 3, k)
+            image = self._items(_required(r, "image", k), 3, k)
             seed = self._items(r["seed"], 1, k) if "seed" in r else np.zeros((len(image), 1), np.uint32)
             if len(seed) != len(image):
                 raise RequestError(f"{len(image)} image(s) but {len(seed)} seed(s) in one request", k)
@@ -116,7 +116,7 @@ class CodecModels:
         datas: list[bytes] = []
         owner: list[int] = []
         for k, r in enumerate(requests):
-            stream = self._items(r["stream"], 1, k)
+            stream = self._items(_required(r, "stream", k), 1, k)
             datas += [_as_bytes(s[0], k) for s in stream]
             owner += [k] * len(stream)
         # Streams of one image size decode as a batch; mixed sizes (or a bad stream) fall back
@@ -139,6 +139,13 @@ class CodecModels:
 
     def _batch(self, x: np.ndarray) -> np.ndarray:
         return x if self.batched else x[0]
+
+
+def _required(inputs: Inputs, name: str, request: int) -> np.ndarray:
+    # Triton lets a request without a required input through to the model (PyTriton's configs)
+    if name not in inputs:
+        raise RequestError(f"the request has no input '{name}'", request)
+    return inputs[name]
 
 
 def _as_bytes(x: object, request: int) -> bytes:

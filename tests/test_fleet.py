@@ -158,6 +158,7 @@ def test_bad_input_over_the_wire(served, protocol):
         cases = [  # (model, inputs, output, expected status, expected text)
             (COMPRESS, {"image": image.astype(np.float32)}, "stream", "400", "data-type is 'FP32'"),
             (COMPRESS, {"image": image[..., :2].copy()}, "stream", "400", "shape"),
+            (COMPRESS, {"seed": np.array([1], np.uint32)}, "stream", "400", "the request has no input 'image'"),
             (DECOMPRESS, {"stream": np.frombuffer(stream, np.uint8).copy()}, "image", "400", "data-type"),
             (DECOMPRESS, as_stream(b""), "image", "400", "StreamError"),
             (DECOMPRESS, as_stream(bytes(forged)), "image", "400", "StreamError"),
