@@ -169,9 +169,11 @@ class Codec:
         """The VAE tile grid for an image (None: whole), checked to fit in memory for both
         compressing and decompressing; MemoryLimitError before anything is allocated if not."""
         m = self.cfg.pad_multiple
+        hp, wp = self.padded_size(height, width)
+        if hp * wp > self.max_pixels:  # before the memory estimate: the plainer reason
+            raise ValueError(f"image of {height}x{width} exceeds the {self.max_pixels}-pixel limit")
         limit = self._limit()
         if tile == "auto":
-            hp, wp = self.padded_size(height, width)
             candidates = [None] + [TileGrid.default(t, m) for t in TILE_SIZES if t % m == 0 and t < max(hp, wp)]
         else:
             candidates = [None if tile is None else TileGrid.default(int(tile), m)]

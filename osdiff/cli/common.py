@@ -225,15 +225,15 @@ def load_model(sd: str | None, osdiff_ckpt: str | None, config: str | None, rand
     return model
 
 
-def open_codec(max_memory: str | None, quiet: bool = False, **options: Any) -> "Codec":
+def open_codec(max_memory: str | None, quiet: bool = False, max_pixels: int | None = None, **options: Any) -> "Codec":
     """The codec of the backend and model the options name; says how long loading took (the
     ONNX Runtime backend creates each graph's session on its first run, not here)."""
-    from osdiff.runtime.codec import Codec
+    from osdiff.runtime.codec import DEFAULT_MAX_PIXELS, Codec
     from osdiff.runtime.memory import parse_size
 
     limit = parse_size(max_memory) if max_memory else None
     t0 = time.perf_counter()
-    codec = Codec(open_backend(quiet=quiet, **options), max_memory=limit)
+    codec = Codec(open_backend(quiet=quiet, **options), max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_memory=limit)
     info(f"model loaded in {time.perf_counter() - t0:.2f} s ({codec.backend.name} backend)", quiet)
     return codec
 
