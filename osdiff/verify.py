@@ -154,15 +154,23 @@ class _Verifier:
             mine = (ours if isinstance(ours, Tensor) else torch.from_numpy(np.array(ours))).reshape(-1)
             last.note = f"{int((mine != golden).sum())} of {golden.numel()} entries differ"
 
-    def _compare(self, src: str, key: str, ours: Tensor | np.ndarray | float, suffix: str,
-                 passes: Callable[[float, float], bool]) -> None:
-        name = f"{src}/{key}{suffix}"
+    def golden(self, src: str, key: str, row: str) -> Tensor | None:
+        """The golden tensor, marked as checked; None (and a failed row named `row`) if the set
+        lacks it."""
         try:
             golden = self.get(src, key)
         except _Missing as e:
-            self.fail(name, str(e))
-            return
+            self.fail(row, str(e))
+            return None
         self.covered.add((src, key))
+        return golden
+
+    def _compare(self, src: str, key: str, ours: Tensor | np.ndarray | float, suffix: str,
+                 passes: Callable[[float, float], bool]) -> None:
+        name = f"{src}/{key}{suffix}"
+        golden = self.golden(src, key, name)
+        if golden is None:
+            return
         ours = ours if isinstance(ours, Tensor) else torch.from_numpy(np.array(ours))
         self.checks.append(_check(name, ours, golden, passes))
 
@@ -194,12 +202,10 @@ class _Verifier:
         """Our float error on the values a coding decision is taken from, against the smallest
         distance of the golden values to such a decision: below it, every decision matches."""
         name = f"symbols/{key}"
-        try:
-            m = float(self.get("symbols", key))
-        except _Missing as e:
-            self.fail(name, str(e))
+        golden = self.golden("symbols", key, name)
+        if golden is None:
             return
-        self.covered.add(("symbols", key))
+        m = float(golden)
         self.checks.append(Check(name, (), err, err / m if m else math.inf, err < m, f"margin {m:.3g}"))
 
     def coder(self, filename: str, prefix: str, symbols: Tensor, indexes: Tensor) -> None:
@@ -231,12 +237,9 @@ class _Verifier:
         """An info row: in how many entries each of this machine's derivations of a golden
         table differs from it."""
         name = f"{src}/{key}"
-        try:
-            golden = self.get(src, key)
-        except _Missing as e:
-            self.fail(name, str(e))
+        golden = self.golden(src, key, name)
+        if golden is None:
             return
-        self.covered.add((src, key))
         notes = []
         for who, ours in derived.items():
             ours = ours if isinstance(ours, Tensor) else torch.from_numpy(np.asarray(ours))
