@@ -98,7 +98,7 @@ PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12
 	# the machine's pip configuration caps torch (<= 2.14.1 here) and would refuse the stack under test
 	PIP_CONFIG_FILE=/dev/null .venv-$*/bin/pip install -q -r ci/$*.txt
 	# what the GPU kit carries (benchmarks/gpu_kit.py), without the dependencies the image has
-	PIP_CONFIG_FILE=/dev/null .venv-$*/bin/pip install -q --no-deps compressai==1.2.8 pytorch-msssim==1.0.0
+	PIP_CONFIG_FILE=/dev/null .venv-$*/bin/pip install -q --no-deps $$($(PYTHON) benchmarks/gpu_kit.py --requirements)
 	.venv-$*/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

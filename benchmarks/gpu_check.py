@@ -96,18 +96,24 @@ class Plan:
         return Plan(**{**asdict(plan), **json.loads(os.environ.get("OSDIFF_GPU_CHECK_PLAN", "{}"))})
 
 
-def original_checkout() -> Path | None:
-    """The carried checkout of the original implementation, if it can run here."""
-    return None if why_no_original() else Path(os.environ.get("OSDIFF_ORIGINAL", KIT / "OSDiff"))
+def original_checkout(config: str | None = None) -> Path | None:
+    """The carried checkout of the original implementation, if it can run here (and run
+    `config`, when given)."""
+    return None if why_no_original(config) else Path(os.environ.get("OSDIFF_ORIGINAL", KIT / "OSDiff"))
 
 
-def why_no_original() -> str | None:
+def why_no_original(config: str | None = None) -> str | None:
+    """Why the original implementation cannot run here (or cannot run `config`), or None."""
     path = Path(os.environ.get("OSDIFF_ORIGINAL", KIT / "OSDiff"))
     if not (path / "model" / "osdiff.py").is_file():
         return f"no checkout of the original implementation at {path} (make gpu-kit puts one in .gpu-kit/OSDiff)"
     missing = [m for m in ("omegaconf", "open_clip", "compressai") if importlib.util.find_spec(m) is None]
     if missing:
         return f"{', '.join(missing)} not installed (gpu_check.sh installs them from the kit's wheels)"
+    # its inference.py draws the noise at height // 8 x width // 8: SD's VAE, whatever the model's
+    if config is not None and (n := ModelConfig.named(config).latent_downsample) != 8:
+        return (f"the original's inference.py assumes a VAE that downsamples 8x (noise of height/8 x width/8); "
+                f"the {config} config's downsamples {n}x")
     return None
 
 
@@ -231,7 +237,7 @@ def step_ours(plan: Plan, work: Path, deadline: float) -> None:
     cfg = ModelConfig.named(plan.config)
     model = OSDiffModel.random(cfg, seed=0)
     out.set("model_build_s", time.time() - t0)
-    if original_checkout() is not None:  # the original step loads these instead of building them again
+    if original_checkout(plan.config) is not None:  # the original step loads these instead of building them again
         from safetensors.torch import save_file
 
         from original import checkpoint_state_dict
@@ -247,7 +253,7 @@ def step_ours(plan: Plan, work: Path, deadline: float) -> None:
     (work / "ours_reference_stream.bin").write_bytes(fp32.compress_reference(image))
     fastest: tuple[Any, str] = (fp32, "ours fp32 eager")
 
-    if original_checkout() is None:
+    if original_checkout(plan.config) is None:
         note = "no checkout of the original implementation: our stages with the reference's entropy loop " \
                "(benchmarks/pipeline.py), not the original's code"
         measured(out, "reference-style (re-created, fp32 eager)",
@@ -403,7 +409,7 @@ def step_original(plan: Plan, work: Path, deadline: float) -> None:
 
     out = Partial(work / "original.json")
     name = "original (fp32 eager, its inference.py)"
-    checkout = original_checkout()
+    checkout = original_checkout(plan.config)
     assert checkout is not None
     out.variant({"name": name, "status": "running (building)"})
     cfg = ModelConfig.named(plan.config)
@@ -492,10 +498,10 @@ def assemble(plan: Plan, work: Path, steps: dict[str, Any], started: float, devi
     """The one JSON, from what every step wrote so far."""
     ours = _read(work / "ours.json")
     orig = _read(work / "original.json")
-    checkout = original_checkout()
+    checkout = original_checkout(plan.config)
     variants = []
     if checkout is None:
-        variants.append(skipped("original (fp32 eager, its inference.py)", str(why_no_original())))
+        variants.append(skipped("original (fp32 eager, its inference.py)", str(why_no_original(plan.config))))
     else:
         variants += orig.get("variants") or [skipped("original (fp32 eager, its inference.py)", "not run yet")]
     variants += ours.get("variants", [])
@@ -633,7 +639,7 @@ def main(outdir: Path) -> None:
     update()
 
     for name in ("ours", "original"):
-        if name == "original" and original_checkout() is None:
+        if name == "original" and original_checkout(plan.config) is None:
             continue
         steps[name] = {"status": "running", "budget_s": plan.budget[name]}
         deadline = time.time() + plan.budget[name] - 5

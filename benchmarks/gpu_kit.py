@@ -131,7 +131,12 @@ def main() -> None:
                     help="checkout, bare git directory or URL of cheesejiang/OSDiff")
     ap.add_argument("--reference", default=os.environ.get("OSDIFF_REFERENCE", str(REPO.parent / "shared" / "reference")),
                     help="the golden-data folder holding tiny/")
+    ap.add_argument("--requirements", action="store_true",
+                    help="print the requirements the kit carries as wheels, and stop (make test-gpu-image installs them)")
     args = ap.parse_args()
+    if args.requirements:
+        print(" ".join(BINARY_WHEELS + SOURCE_WHEELS))
+        return
     kit = Path(args.out).resolve()
     kit.mkdir(parents=True, exist_ok=True)
     ignored = subprocess.run(["git", "check-ignore", "-q", str(kit)], cwd=REPO).returncode == 0

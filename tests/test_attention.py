@@ -223,6 +223,8 @@ def test_plain_rewrite_refuses_what_it_does_not_understand(tmp_path):
 def test_tensorrt_gets_no_loops_and_no_contrib_ops(tmp_path):
     """engine/prepare.py: an mha graph becomes the plain pattern (and still matches); a Scan
     graph is refused with the way out."""
+    # the GPU machine's image lacks Polygraphy (make test-gpu-image), and builds no engine there
+    pytest.importorskip("polygraphy", reason="Polygraphy (engine/prepare.py) is not installed")
     from osdiff.engine.prepare import PrepareError, prepare_onnx
 
     module, mha = _export("mha", tmp_path)

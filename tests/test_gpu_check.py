@@ -61,7 +61,7 @@ def test_rehearsal_writes_the_gpu_runs_json(rehearsal):
     # the baseline: the original implementation where a checkout is carried, else the re-creation
     baseline = by_name["original (fp32 eager, its inference.py)"]
     if baseline["status"] != "measured":
-        assert baseline["status"] == "skipped" and baseline["reason"] == gpu_check.why_no_original()
+        assert baseline["status"] == "skipped" and baseline["reason"] == gpu_check.why_no_original("demo")
         baseline = by_name["reference-style (re-created, fp32 eager)"]
     assert baseline["status"] == "measured"
     assert ours["speedup_vs_baseline"]["baseline"] == baseline["name"]
