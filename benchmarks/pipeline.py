@@ -175,7 +175,7 @@ def chart(per: dict[str, dict[str, float]], title: str) -> Image.Image:
     return im
 
 
-@click.command()
+@click.command(help=__doc__.split("\n\n")[0] + " Prints a table, writes JSON and a chart (--json; by default into benchmarks/results/, beside the committed results it would replace).")
 @click.option("--config", default="full", show_default=True, help='"full", "demo" or a JSON config.')
 @click.option("--sd", default=None, help="SD 2.1 checkpoint (default: random weights).")
 @click.option("--osdiff", "osdiff_ckpt", default=None, help="OSDiff checkpoint.")

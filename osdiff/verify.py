@@ -78,8 +78,15 @@ class _Missing(Exception):
 
 
 def verify_reference(directory: str | Path) -> list[Check]:
-    """Every check of the golden set in `directory`, in pipeline order."""
-    return _Verifier(Path(directory)).run()
+    """Every check of the golden set in `directory`, in pipeline order. ValueError when
+    `directory` holds no golden set (no config.json nor golden.safetensors), naming the folders
+    inside it that do."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() and not (directory / SOURCES["golden"]).is_file():
+        inside = sorted(str(d) for d in directory.iterdir() if d.is_dir() and (d / SOURCES["golden"]).is_file())
+        raise ValueError(f"{directory} is not a golden set (no config.json, no {SOURCES['golden']})"
+                         + (f"; did you mean {' or '.join(inside)}?" if inside else ""))
+    return _Verifier(directory).run()
 
 
 def format_table(checks: list[Check]) -> str:

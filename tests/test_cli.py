@@ -71,6 +71,8 @@ def test_reference_format(inputs, tiny_export, tiny_dir, tmp_path):
                  "128x192", "--engines", tiny_export)
     assert read_image(tmp_path / "s.png").shape == (128, 192, 3)
     assert "128x192 (HxW)" in result.output  # sizes are printed in the order --size takes them
+    # the format has no noise: the user is told the picture is not the original's output
+    assert "carries no noise" in result.output and "--seed 0" in result.output
 
 
 def test_either_coder_writes_the_same_stream_and_reads_the_other(inputs, tiny_export, tmp_path):
@@ -137,7 +139,7 @@ def test_a_precision_the_export_lacks_is_an_error(tiny_dir, inputs, tmp_path):
     with pytest.raises(ExportError) as e:
         OnnxRuntimeBackend(export, precision="fp16")
     message = str(e.value)
-    assert "no fp16 variant of 'synthesis' (" in message and "'analysis'" not in message
+    assert "no fp16 variant of 'synthesis'; re-export the model" in message and "'analysis'" not in message
     assert "--no-fp16" in message and "fp32 by design" in message
     out = run("compress", inputs / "photo.png", "-o", tmp_path / "x.osd", "--engines", export, "--precision", "fp16",
               ok=False).output
@@ -193,6 +195,15 @@ def test_several_inputs_need_an_output_directory(inputs, tmp_path):
     (tmp_path / "file").write_bytes(b"")
     result = run("decompress", tmp_path / "file", tmp_path / "file", "-o", tmp_path / "file", ok=False)
     assert "several inputs need an output directory" in result.output and "is a file" in result.output
+
+
+def test_a_tile_side_the_model_cannot_use_is_a_usage_error(inputs, tmp_path):
+    """--tile 7 fails once, before any file, saying what sides are allowed (the demo config pads
+    to multiples of 32), and writes nothing."""
+    result = run("compress", inputs / "photo.png", "-o", tmp_path, "--random-weights", "--config", "demo",
+                 "--tile", "7", ok=False)
+    assert result.exit_code == 2 and "a multiple of 32 pixels for this model, at least 64" in result.output, result.output
+    assert not list(tmp_path.iterdir())
 
 
 def _checkpoints(tiny_dir):

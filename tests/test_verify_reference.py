@@ -150,3 +150,12 @@ def test_a_table_that_does_not_fit_its_strings_fails(tiny_dir, tmp_path):
     d = _set_from_another_machine(tiny_dir, tmp_path / "set", recode=False)
     failed = {c.name for c in verify_reference(d) if not c.passed}
     assert {"z_string.bin", "z_string.bin (coder alone)", "stream.bin"} <= failed
+
+
+def test_a_folder_of_golden_sets_names_them(tmp_path):
+    """The folder above a golden set (../shared/reference rather than .../tiny) is a usage
+    mistake: one error naming the set inside, not rows of missing files."""
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "golden.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"is not a golden set .*did you mean {tmp_path / 'tiny'}"):
+        verify_reference(tmp_path)

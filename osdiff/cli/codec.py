@@ -42,6 +42,10 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: st
     tiles: int | str | None = None if tile == "off" else tile if tile == "auto" else int(tile)
     outputs = outputs_for(images, output, ".osd" if fmt == "osd" else ".bin")
     codec = open_codec(quiet=quiet, **options)
+    multiple = codec.cfg.pad_multiple
+    if isinstance(tiles, int) and (tiles < 2 * multiple or tiles % multiple):
+        raise click.UsageError(f"--tile {tiles}: a tile side must be a multiple of {multiple} pixels for this model, "
+                               f"at least {2 * multiple} (e.g. {max(2, round(tiles / multiple)) * multiple})")
 
     def work(src: str, dst: Path, trace: "Trace") -> str:
         with warnings.catch_warnings(record=True) as notes:
@@ -72,7 +76,9 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: st
                    "on this CPU (docs/entropy-tables.md).")
 @click.option("--size", type=HxW(), default=None,
               help="HxW of the image, for --format reference (which does not store it).")
-@click.option("--seed", default=0, show_default=True, help="Noise seed for --format reference.")
+@click.option("--seed", default=0, show_default=True,
+              help="Noise seed for --format reference, drawn with this engine's portable generator: the "
+                   "picture is not the original implementation's, which draws torch.randn on its device.")
 @quiet_option
 @backend_options
 @user_errors
@@ -83,6 +89,11 @@ def decompress(streams: tuple[str, ...], output: str, fmt: str, size: tuple[int,
         if size is None:
             raise click.UsageError("--format reference needs --size HxW")
         height, width = size
+        # The reference format stores no noise and the original draws it with torch.randn on its
+        # own device (CUDA and CPU differ), so no decoder can promise the original's pixels.
+        click.echo(f"note: a reference stream carries no noise: it is decoded with this engine's portable "
+                   f"noise from --seed {seed} (runtime/noise.py); the latent is the original's, the picture "
+                   "is not its output (it draws torch.randn on its device)", err=True)
     outputs = outputs_for(streams, output, ".png")
     codec = open_codec(quiet=quiet, **options)
 

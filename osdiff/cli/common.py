@@ -76,8 +76,8 @@ class HxW(click.ParamType):
 
 
 quiet_option = click.option("-q", "--quiet", is_flag=True,
-                            help="No progress and no informational lines: only each file's result line, notes "
-                                 "and errors.")
+                            help="No progress and no informational lines: only the results (each file's line, "
+                                 "profile's table), notes and errors.")
 
 
 def info(message: str, quiet: bool) -> None:

@@ -9,7 +9,7 @@ import click
 from osdiff.cli.common import existing_file, user_errors
 from osdiff.config import ModelConfig
 
-@click.command()
+@click.command(short_help="Train the LFGCM and control module with the OSDiff objective (paper eqs. 9-14).")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="The training checkpoint to write (with --builtin: a folder for every stage's output).")
 @click.option("--builtin", is_flag=True, help="Reproduce the built-in demo model from its fixed recipe and seed "
