@@ -59,11 +59,15 @@ _LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 def qdq_layers(path: str | Path) -> dict[str, dict[str, bool]]:
     """Per layer of an ONNX graph (a Conv, ConvTranspose, MatMul or Gemm whose weight is a
     parameter, named by the parameter's module path, e.g. "decoder.up.1.block.0.conv1"):
-    whether its input and its weight come through a DequantizeLinear. Nodes whose second
-    operand is computed (attention's q.k and p.v products) are listed under "<path>:<op>" of
-    their node name, with weight False."""
+    whether its input and its weight come through a DequantizeLinear, and whether its output
+    goes into a QuantizeLinear. Nodes whose second operand is computed are listed under their
+    node name, with weight False."""
     model = onnx.load(str(path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     params = {i.name for i in model.graph.initializer}
     out: dict[str, dict[str, bool]] = {}
     for n in model.graph.node:
@@ -71,15 +75,25 @@ def qdq_layers(path: str | Path) -> dict[str, dict[str, bool]]:
             continue
         src = producer.get(n.input[0])
         dq_input = src is not None and src.op_type in _DEQUANT_OPS
+        q_output = any(c.op_type in _QUANT_OPS for c in consumers.get(n.output[0], []))
         name, dq_weight = n.input[1], False
         while name not in params and name in producer and producer[name].op_type in _WEIGHT_PATH_OPS:
             dq_weight |= producer[name].op_type in _DEQUANT_OPS
             name = producer[name].input[0]
         if name in params and name.endswith(".weight"):
-            out[name.removesuffix(".weight")] = {"input": dq_input, "weight": dq_weight}
+            out[name.removesuffix(".weight")] = {"input": dq_input, "weight": dq_weight, "output": q_output}
         else:
-            out[f"{n.name}"] = {"input": dq_input, "weight": False}
+            out[n.name] = {"input": dq_input, "weight": False, "output": q_output}
     return out
+
+
+def attention_inputs(path: str | Path) -> list[list[str]]:
+    """Per com.microsoft.MultiHeadAttention node of an ONNX graph, the op types producing its
+    inputs (the attention computes in float: none of them may be a DequantizeLinear)."""
+    model = onnx.load(str(path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return [[producer[i].op_type if i in producer else "(graph input)" for i in n.input if i]
+            for n in model.graph.node if n.op_type == "MultiHeadAttention"]
 
 
 # what lies between a parameter and the layer that uses it

@@ -28,6 +28,7 @@ class OnnxGraphModel:
         # OnnxRuntimeBackend's options: the in-process codec and this model compute the same bits
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.qdqisint8allowed", "1")
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
