@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--sizes", default="1,4", help="megapixels, comma-separated")
     p.add_argument("--backends", default="torch,onnxruntime")
     p.add_argument("--max-memory", default=None, help="passed to the codec (default: what the machine has free)")
+    p.add_argument("--attention", default="mha", help="attention form of the onnxruntime export "
+                                                        "(export/models/attention.py; scan: the form before mha)")
     p.add_argument("--json", default=None)
     p.add_argument("--estimate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--options", help=argparse.SUPPRESS)
@@ -86,7 +88,8 @@ def main() -> None:
         engines = work / "onnx"
         if "onnxruntime" in args.backends:
             print(f"exporting the {args.config} model (random weights) ...", file=sys.stderr)
-            run(cli + ["export", "--config", args.config, "--random-weights", "--no-fp16", "-o", str(engines)])
+            run(cli + ["export", "--config", args.config, "--random-weights", "--no-fp16", "--attention", args.attention,
+                       "-o", str(engines)])
         for backend in args.backends.split(","):
             options = {"backend": backend, "engines": str(engines) if backend == "onnxruntime" else None,
                        "device": "cpu", "precision": "fp32", "provider": "cpu", "sd": None, "osdiff_ckpt": None,
@@ -116,7 +119,8 @@ def main() -> None:
                     check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
                 from osdiff.runtime.bitstream import OsdStream, tile_grid
 
-                row = {"backend": backend, "config": args.config, "width": w, "height": h, "megapixels": w * h / 1e6,
+                row = {"backend": backend, "attention": args.attention if backend == "onnxruntime" else "sdpa",
+                       "config": args.config, "width": w, "height": h, "megapixels": w * h / 1e6,
                        "tiles": tile_grid(OsdStream.from_bytes(stream.read_bytes())), "bytes": stream.stat().st_size,
                        "compress_peak": c_peak, "decompress_peak": d_peak, "compress_fixed": fixed["compress"],
                        "decompress_fixed": fixed["decompress"], "estimate_compress": est["compress"],

@@ -25,9 +25,12 @@ recording each graph's export time.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,8 @@ from osdiff.export.model import OSDiffModel  # noqa: E402
 from osdiff.files import read_image  # noqa: E402
 from osdiff.runtime.backends.torch_backend import TorchBackend  # noqa: E402
 from osdiff.runtime.bitstream import MAGIC, OsdStream, read_reference, write_reference  # noqa: E402
-from osdiff.runtime.codec import Codec, image_to_tensor, tensor_to_image  # noqa: E402
-from osdiff.runtime.profiler import Profile, profile  # noqa: E402
+from osdiff.runtime.codec import REFERENCE_PADDING, Codec, image_to_tensor, tensor_to_image  # noqa: E402
+from osdiff.runtime.profiler import Profile, Stats, profile  # noqa: E402
 from osdiff.runtime.profiling import NO_TRACE, Trace, stage_of  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,9 +62,12 @@ class ReferenceStyleCodec(Codec):
 
     size = (0, 0)
 
-    def compress_batch(self, images: list[np.ndarray], seeds: list[int] | None = None,
-                       trace: Trace = NO_TRACE, tile: int | str | None = None) -> list[bytes]:
-        # whole images only, as the reference codes them: `tile` is accepted for Codec.compress
+    def compress_batch(self, images: list[np.ndarray], seeds: list[int] | None = None, trace: Trace = NO_TRACE,
+                       tile: int | str | None = None, padding: str = REFERENCE_PADDING) -> list[bytes]:
+        # whole, zero-padded images only, as the reference codes them: `tile` and `padding` are
+        # accepted for Codec.compress
+        if padding != REFERENCE_PADDING:
+            raise ValueError(f"the reference style pads with zeros, not {padding!r}")
         self.size = images[0].shape[:2]
         out = []
         for image in images:
@@ -104,6 +110,17 @@ class ExportTimes:
         print("  " + line, file=sys.stderr)
         name, seconds = line.split("] ", 1)[1].split(": ", 1)
         self.into[name.rsplit(" ", 1)[0]] = float(seconds.split(" s", 1)[0])
+
+
+def merged(profiles: list[Profile]) -> Profile:
+    """Profiles of one timed round trip each, as one profile of all of them."""
+    def stages(which: str) -> dict[str, Stats]:
+        names = getattr(profiles[0], which)
+        return {n: Stats.of([getattr(p, which)[n].median for p in profiles if n in getattr(p, which)]) for n in names}
+
+    return replace(profiles[-1], runs=len(profiles), encode=Stats.of([p.encode.median for p in profiles]),
+                   decode=Stats.of([p.decode.median for p in profiles]), encode_stages=stages("encode_stages"),
+                   decode_stages=stages("decode_stages"))
 
 
 def strings(data: bytes) -> tuple[bytes, bytes]:
@@ -196,6 +213,7 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
 
             for form in forms.split(","):
                 exports[form] = tempfile.mkdtemp(prefix=f"osdiff-bench-{form}-")
+                atexit.register(shutil.rmtree, exports[form], ignore_errors=True)  # gigabytes at full size
                 print(f"exporting with attention {form} to {exports[form]} ...", file=sys.stderr)
                 export_s[form] = {}
                 timed = ExportTimes(export_s[form])
@@ -231,10 +249,16 @@ def main(config: str, sd: str | None, osdiff_ckpt: str | None, size: str, warmup
 
     results: dict[str, Profile] = {}
     streams: dict[str, bytes] = {}
+    # round robin: each round times one round trip of every backend, so that a load that comes
+    # and goes on a shared machine falls on all of them alike, not on whichever ran at the time
+    rounds: dict[str, list[Profile]] = {name: [] for name in codecs}
+    for r in range(runs):
+        for name, codec in codecs.items():
+            print(f"{name}: round {r + 1} of {runs} ...", file=sys.stderr)
+            rounds[name].append(profile(codec, [image], warmup=warmup if r == 0 else 0, runs=1, backend_name=name))
     for name, codec in codecs.items():
-        print(f"{name} ...", file=sys.stderr)
-        results[name] = profile(codec, [image], warmup=warmup, runs=runs, backend_name=name)
-        streams[name] = codec.compress(image)
+        results[name] = merged(rounds[name])
+        streams[name] = codec.compress(image, padding=REFERENCE_PADDING)  # the baseline's zero padding
     baseline = baseline or next(iter(results))
     reference = strings(streams[baseline])
     base = results[baseline]

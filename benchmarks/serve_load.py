@@ -6,8 +6,8 @@ answer against the in-process Codec on the same export, byte for byte (streams) 
 pixel (images). Bad requests are interleaved (every --bad-every-th request of a client): garbage
 bytes, a truncated stream, a stream of another model, a float image, a 4-channel image. Each
 must come back as an error; a good request that fails is an unexpected error, except that with
-the dynamic batcher on, PyTriton answers a whole batch with one error, so a good request batched
-with a bad one fails too ("collateral", told apart by the message).
+the dynamic batcher on, a good request batched with a bad one fails too, with UNAVAILABLE (HTTP
+503) and a message asking to send it again ("collateral", told apart by the message).
 
 Reports p50/p99 latency per model and protocol, throughput (good requests per second), errors,
 and the server's memory (resident set of its process tree: osdiff serve, tritonserver, the
@@ -44,7 +44,7 @@ from osdiff.serving.client import CodecClient, wait_ready
 from osdiff.serving.models import COMPRESS, DECOMPRESS
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "serve_load_cpu.json"
-COLLATERAL = "in this dynamic batch"
+COLLATERAL = "batched with another request that was bad"  # serving/proxy_model.py, UNAVAILABLE
 
 
 @dataclass

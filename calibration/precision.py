@@ -17,6 +17,14 @@ QUANTIZED_GRAPHS = FP16_GRAPHS
 # images): PSNR in dB and MS-SSIM. A calibration over these is not registered unless accepted.
 TARGETS = {"psnr_drop_db": 0.3, "ms_ssim_drop": 0.005}
 
+
+def fp32_by_design(graph: str) -> bool:
+    """Whether a graph runs in fp32 at every precision a backend is asked for: the LFGCM graphs
+    (analysis, hyper_synthesis, entropy_anchor_k, entropy_nonanchor_k), whose outputs decide
+    symbols and CDF indexes. Every other graph must exist in the precision asked for."""
+    return graph not in FP16_GRAPHS
+
+
 # Operations kept in fp32 inside the fp16 graphs, and why. The numbers: calibration/islands.py
 # on the built-in model's calibration crops (benchmarks/results/precision_cpu.json,
 # "fp16_islands"); SD 2.1's trained weights, for which these islands were written, are not on any

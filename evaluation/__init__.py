@@ -14,7 +14,7 @@ extra: pip install "osdiff-engine[eval]".
 import importlib.util
 
 # The modules of the `eval` extra (pyproject.toml), by import name.
-EXTRA_MODULES = ("torchmetrics", "torch_fidelity", "pytorch_msssim", "bjontegaard", "matplotlib", "tqdm")
+EXTRA_MODULES = ("torchmetrics", "torch_fidelity", "pytorch_msssim", "bjontegaard", "matplotlib")
 
 
 def missing_modules() -> list[str]:

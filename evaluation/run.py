@@ -8,10 +8,12 @@ before the timed runs of each rate point (sessions, allocators and caches warm u
 Writes, under the results folder:
     <name>.json   CompressAI's results layout: {"name", "description", "results": {"bpp": [...],
                   "psnr-rgb": [...], ...}} with one list entry per rate point, each the mean over
-                  the images (as CompressAI's eval_model reports), plus what the layout has no
-                  place for: the rate points, the images and protocol, the skipped metrics and
-                  why, and the library versions
-    <name>.csv    one row per rate point and image
+                  the images (as CompressAI's eval_model reports), its keys as CompressAI names
+                  them ("encoding_time" and "decoding_time" in seconds, as there), plus what the
+                  layout has no place for: "units", the rate points, the images and protocol,
+                  the skipped metrics and why, and the library versions
+    <name>.csv    one row per rate point and image; columns named with their unit where they
+                  have one (encoding_time_s, decoding_time_s); a skipped metric has no column
     streams/<point>/<image><suffix>   the streams themselves
 """
 
@@ -39,7 +41,9 @@ from osdiff.evaluation.metrics import PER_IMAGE, PER_SET, ImageMetrics, PatchFID
 from osdiff.evaluation.protocols import prepare
 from osdiff.files import read_image, write_atomic
 
-CSV_COLUMNS = ("point", "image", "height", "width", "bytes", "bpp", *PER_IMAGE, "encoding_time", "decoding_time")
+CSV_COLUMNS = ("point", "image", "height", "width", "bytes", "bpp", *PER_IMAGE, "encoding_time_s", "decoding_time_s")
+# Units of the results' keys that have one (CompressAI's layout keeps its own key names)
+UNITS = {"bpp": "bits per pixel", "psnr-rgb": "dB", "ms-ssim-rgb-db": "dB", "encoding_time": "s", "decoding_time": "s"}
 
 
 @dataclass
@@ -75,15 +79,15 @@ class ImageSet:
 
 
 def mean_results(rows: list[dict[str, Any]], skipped: dict[str, str]) -> dict[str, float]:
-    """The mean over images of every column all rows have; MS-SSIM in dB from the mean MS-SSIM
-    (as CompressAI's plots convert it)."""
+    """The mean over images of every column all rows have, under CompressAI's key names; MS-SSIM
+    in dB from the mean MS-SSIM (as CompressAI's plots convert it)."""
     out = {}
-    for key in ("bpp", *PER_IMAGE, "encoding_time", "decoding_time"):
+    for key in ("bpp", *PER_IMAGE, "encoding_time_s", "decoding_time_s"):
         if key == "ms-ssim-rgb-db" or key in skipped:
             continue
         values = [r.get(key) for r in rows]
         if all(v is not None for v in values):
-            out[key] = float(np.mean(values))
+            out[key.removesuffix("_s")] = float(np.mean(values))
     if "ms-ssim-rgb" in out:
         out["ms-ssim-rgb-db"] = ms_ssim_db(out["ms-ssim-rgb"])
     return out
@@ -128,7 +132,7 @@ def evaluate(images: ImageSet, points: Sequence[ImageCodec], output: str | Path,
             h, w = image.shape[:2]
             row = {"point": point.label, "image": image_name, "height": h, "width": w, "bytes": len(data),
                    "bpp": 8 * len(data) / (h * w), **metrics(image, decoded),
-                   "encoding_time": encoding_time, "decoding_time": decoding_time}
+                   "encoding_time_s": encoding_time, "decoding_time_s": decoding_time}
             fid.add(image, decoded)
             point_rows.append(row)
             bar.set_postfix(bpp=f"{row['bpp']:.3f}", psnr=f"{row['psnr-rgb']:.2f}")
@@ -143,6 +147,7 @@ def evaluate(images: ImageSet, points: Sequence[ImageCodec], output: str | Path,
         "name": name,
         "description": description,
         "results": results,
+        "units": {k: v for k, v in UNITS.items() if k in results},
         "points": [p.label for p in points],
         "dataset": {"protocol": images.protocol, "images": images.names, "sizes": [list(s) for s in images.sizes],
                     "fid_patches": images.patch_count()},
@@ -150,13 +155,15 @@ def evaluate(images: ImageSet, points: Sequence[ImageCodec], output: str | Path,
         "versions": versions(),
     }
     write_atomic(out / f"{name}.json", json.dumps(document, indent=1).encode())
-    write_atomic(out / f"{name}.csv", _csv(rows).encode())
+    write_atomic(out / f"{name}.csv", _csv(rows, document["skipped"]).encode())
     return document
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def _csv(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
+    """One row per rate point and image; a skipped metric has no column (the JSON says why)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    columns = [c for c in CSV_COLUMNS if c not in skipped]
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
@@ -167,7 +174,8 @@ def summary(document: dict[str, Any]) -> str:
     """The results as a table: one row per rate point."""
     res = document["results"]
     keys = [k for k in ("bpp", *PER_IMAGE, *PER_SET, "encoding_time", "decoding_time") if k in res]
-    lines = ["  ".join(f"{k:>14}" for k in ["point", *keys])]
+    heads = [f"{k} [{UNITS[k]}]" if UNITS.get(k) in ("dB", "s") else k for k in keys]
+    lines = ["  ".join(f"{k:>14}" for k in ["point", *heads])]
     for i, label in enumerate(document["points"]):
         lines.append("  ".join([f"{label:>14}"] + [f"{res[k][i]:>14.4f}" for k in keys]))
     for key, reason in document["skipped"].items():

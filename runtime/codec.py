@@ -1,6 +1,7 @@
 """The OSDiff codec: image -> .osd bytes -> image, on any backend.
 
-    compress:   pad to a multiple of 64 -> vae_encoder -> analysis -> latent coding -> .osd
+    compress:   pad to a multiple of 64 (edge replication) -> vae_encoder -> analysis -> latent
+                coding -> .osd
     decompress: .osd -> latent decoding -> check value -> synthesis (G_s) -> denoiser (one
                 step, noise from the stream's seed) -> vae_decoder -> crop
 
@@ -11,6 +12,13 @@ machine has, or `max_memory`; a run that cannot fit raises MemoryLimitError befo
 When the whole-image VAE does not fit, compress (tile="auto") picks the largest VAE tile that
 does (runtime/tiling.py) and writes the decoder's tile grid into the stream, so that every
 decoder decodes it the same way.
+
+Padding. The stream stores the image size and the decoder only crops, so how the encoder fills
+the image out to a multiple of the pad multiple is the encoder's choice: .osd streams replicate
+the last row and column (OSD_PADDING), which costs fewer bits and keeps the image's colours at
+its edges (benchmarks/padding.py has the measurement, docs/bitstream.md the rule); the
+reference raw format keeps the original's zeros (REFERENCE_PADDING), so that the original
+codes the same picture.
 
 Threads. A Codec holds no per-call state: one may be shared by threads when its backend may
 (runtime/backends/base.py says which may).
@@ -35,6 +43,23 @@ from osdiff.runtime.tiling import TILE_SIZES, TileGrid, run_tiled
 # Default bound on decoded image size: a stream asks for a size before anything proves it
 # genuine, so the decoder refuses absurd ones instead of allocating for them.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+# How the encoder fills an image out to the pad multiple, as numpy.pad modes: "edge" replicates
+# the last row and column, "constant" writes zeros (what the original implementation does),
+# "reflect" and "symmetric" mirror the image without and with its edge pixel.
+PADDINGS = ("edge", "constant", "reflect", "symmetric")
+OSD_PADDING = "edge"
+REFERENCE_PADDING = "constant"
+
+
+def pad_image(image: np.ndarray, multiple: int, mode: str = OSD_PADDING) -> np.ndarray:
+    """H x W x C -> H' x W' x C, H' and W' the next multiples of `multiple`, filled at the
+    bottom and right by `mode` (one of PADDINGS; ValueError otherwise). Mirroring modes repeat
+    the reflection where the padding is wider than the image (numpy.pad does)."""
+    if mode not in PADDINGS:
+        raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, not {mode!r}")
+    h, w = image.shape[:2]
+    return np.pad(image, ((0, -h % multiple), (0, -w % multiple), (0, 0)), mode=mode)
 
 
 def image_to_tensor(image: np.ndarray) -> Tensor:
@@ -80,19 +105,23 @@ class Codec:
 
     # --- encode ----------------------------------------------------------------------------
 
-    def compress(self, image: np.ndarray, seed: int = 0, trace: Trace = NO_TRACE, tile: int | str | None = "auto") -> bytes:
-        return self.compress_batch([image], [seed], trace, tile)[0]
+    def compress(self, image: np.ndarray, seed: int = 0, trace: Trace = NO_TRACE, tile: int | str | None = "auto",
+                 padding: str = OSD_PADDING) -> bytes:
+        return self.compress_batch([image], [seed], trace, tile, padding)[0]
 
     def compress_batch(self, images: list[np.ndarray], seeds: list[int] | None = None,
-                       trace: Trace = NO_TRACE, tile: int | str | None = "auto") -> list[bytes]:
+                       trace: Trace = NO_TRACE, tile: int | str | None = "auto", padding: str = OSD_PADDING) -> list[bytes]:
         """Images of one size: the VAE encoder and G_a run on the batch, the entropy coding
         per image (each image is its own stream). tile: "auto" (whole-image VAE when it fits
         in memory, else the largest tile that does), None (whole image or MemoryLimitError),
-        or a tile side in pixels (a multiple of the pad multiple)."""
+        or a tile side in pixels (a multiple of the pad multiple). padding: one of PADDINGS
+        (any decodes: the decoder only crops; "constant" writes the streams of before edge
+        padding)."""
         seeds = seeds if seeds is not None else [0] * len(images)
-        grid = self.plan(*images[0].shape[:2], tile, batch=len(images))
+        with trace("memory_plan"):  # the first time for an image size, seconds (runtime/memory.py)
+            grid = self.plan(*images[0].shape[:2], tile, batch=len(images))
         out = []
-        for image, seed, coded in zip(images, seeds, self.encode_latents(images, trace, grid)):
+        for image, seed, coded in zip(images, seeds, self.encode_latents(images, trace, grid, padding=padding)):
             height, width = image.shape[:2]
             stream = OsdStream(height, width, seed, self.models.weights_id[:ID_BYTES], self.models.tables_id[:ID_BYTES],
                                coded.z_string, coded.y_string)
@@ -140,9 +169,11 @@ class Codec:
         """The VAE tile grid for an image (None: whole), checked to fit in memory for both
         compressing and decompressing; MemoryLimitError before anything is allocated if not."""
         m = self.cfg.pad_multiple
+        hp, wp = self.padded_size(height, width)
+        if hp * wp > self.max_pixels:  # before the memory estimate: the plainer reason
+            raise ValueError(f"image of {height}x{width} exceeds the {self.max_pixels}-pixel limit")
         limit = self._limit()
         if tile == "auto":
-            hp, wp = self.padded_size(height, width)
             candidates = [None] + [TileGrid.default(t, m) for t in TILE_SIZES if t % m == 0 and t < max(hp, wp)]
         else:
             candidates = [None if tile is None else TileGrid.default(int(tile), m)]
@@ -162,21 +193,22 @@ class Codec:
         return None  # unreachable: check raised
 
     def compress_reference(self, image: np.ndarray, trace: Trace = NO_TRACE) -> bytes:
-        """The original implementation's stream format (see decompress_reference); it has no
-        room for a tile grid, so the image must fit whole."""
-        self.plan(*image.shape[:2], None)
-        (coded,) = self.encode_latents([image], trace, models=self.reference_models)
+        """The original implementation's stream format (see decompress_reference), padded with
+        zeros as the original pads; it has no room for a tile grid, so the image must fit whole."""
+        with trace("memory_plan"):
+            self.plan(*image.shape[:2], None)
+        (coded,) = self.encode_latents([image], trace, models=self.reference_models, padding=REFERENCE_PADDING)
         return write_reference(coded.z_shape, coded.y_string, coded.z_string)
 
     def encode_latents(self, images: list[np.ndarray], trace: Trace = NO_TRACE, grid: TileGrid | None = None,
-                       models: EntropyModels | None = None) -> list[CodedLatent]:
+                       models: EntropyModels | None = None, padding: str = OSD_PADDING) -> list[CodedLatent]:
         if len({im.shape for im in images}) != 1:
             raise ValueError("a batch needs images of one size")
-        x = torch.cat([image_to_tensor(im) for im in images])
-        hp, wp = self.padded_size(*x.shape[2:])
+        hp, wp = self.padded_size(*images[0].shape[:2])
         if hp * wp > self.max_pixels:
-            raise ValueError(f"image of {x.shape[2]}x{x.shape[3]} exceeds the {self.max_pixels}-pixel limit")
-        x = torch.nn.functional.pad(x, (0, wp - x.shape[3], 0, hp - x.shape[2]))  # zeros, bottom/right
+            raise ValueError(f"image of {images[0].shape[0]}x{images[0].shape[1]} exceeds the {self.max_pixels}-pixel limit")
+        # padded as uint8, before the float conversion: a quarter of the memory of padding floats
+        x = torch.cat([image_to_tensor(pad_image(im, self.cfg.pad_multiple, padding)) for im in images])
         run = self.backend.run
         with trace("upload"):
             x = x.to(self.backend.device)
@@ -235,9 +267,10 @@ class Codec:
                 grid.check(f)
             except ValueError as e:
                 raise StreamError(f"the stream's {e}") from e
-        est = self.estimate(streams[0].height, streams[0].width, True, grid, len(streams))
-        self._admit(est, "decode it on a machine with more memory (the tile grid is fixed by the "
-                         "stream; re-encode with a smaller --tile to need less)")
+        with trace("memory_plan"):
+            est = self.estimate(streams[0].height, streams[0].width, True, grid, len(streams))
+            self._admit(est, "decode it on a machine with more memory (the tile grid is fixed by the "
+                             "stream; re-encode with a smaller --tile to need less)")
         y_hats = []
         for stream in streams:
             coded = CodedLatent(stream.z_string, stream.y_string, (hp // f, wp // f), [])
@@ -257,15 +290,20 @@ class Codec:
         return tensor_to_image(self.decompress_reference_tensor(data, height, width, seed, trace))
 
     def decompress_reference_tensor(self, data: bytes, height: int, width: int, seed: int = 0,
-                                    trace: Trace = NO_TRACE, x_T: Tensor | None = None) -> Tensor:
+                                    trace: Trace = NO_TRACE, x_T: Tensor | None = None,
+                                    models: EntropyModels | None = None) -> Tensor:
+        """decompress_reference before the uint8 conversion: 1 x 3 x H x W float32 in [0, 1].
+        x_T: the noise instead of the seed's; models: the entropy models to read the stream
+        with instead of `reference_tables` (a golden set's own tables, in verify-reference)."""
         z_shape, y_string, z_string = read_reference(data)
         hp, wp = self._check_size(height, width)
         f = self.cfg.pad_multiple
         if z_shape != (hp // f, wp // f):
             raise StreamError(f"the stream's z shape {z_shape} does not fit a {height}x{width} image")
-        self._admit(self.estimate(height, width, True, None),
-                    "the reference format decodes whole images only: use a machine with more memory")
-        y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace, self.reference_models)
+        with trace("memory_plan"):
+            self._admit(self.estimate(height, width, True, None),
+                        "the reference format decodes whole images only: use a machine with more memory")
+        y_hat = self._decode_latent(CodedLatent(z_string, y_string, z_shape, []), trace, models or self.reference_models)
         return self.decode_image(y_hat, seed, (height, width), trace, x_T)
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:

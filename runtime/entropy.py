@@ -16,13 +16,15 @@ reference's order of float32 operations, but every operation is evaluated as its
 rounded float32 result (runtime/f32.py) instead of by torch's kernels, whose last bits depend on
 the CPU's SIMD level. Where the reference's vectorized CPU kernels contract a multiply and an add
 into one rounding (torch.linspace, and the GEMM under torch.matmul), the canonical derivation
-does the same, as a fused multiply-add. Measured: these tables equal the golden set's (made by
-the original implementation on an AVX-512 CPU) in every entry; torch's own kernels on an AVX2
-CPU differ from them in 9 entries of the bottleneck's table of that set (docs/entropy-tables.md).
+does the same, as a fused multiply-add. Measured: these tables equal the tables of the shared
+golden set (made by the original implementation on an AVX-512 CPU) in every entry; torch's own
+kernels on an AVX2 CPU differ from them in 9 entries of the bottleneck's table of that set, and
+golden sets the original made on other machines differ from both (docs/entropy-tables.md).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import math
@@ -82,6 +84,20 @@ class GaussianConditional:
         if scales.device not in self._table_on:
             self._table_on[scales.device] = self.scale_table.to(scales.device)
         return scale_indexes(scales, self._table_on[scales.device]).to(torch.uint8)
+
+    def with_tables(self, scale_table: np.ndarray, tables: CdfTables) -> "GaussianConditional":
+        """A copy that codes with tables given instead of derived: float32 (levels,) scales and
+        one CDF per scale, e.g. the ones a golden set's machine derived (osdiff verify-reference
+        checks the coding with them, whatever this machine derives). ValueError if they do not
+        fit together."""
+        scales = np.ascontiguousarray(scale_table, dtype=np.float32)
+        if scales.ndim != 1 or len(tables.cdfs) != scales.size:
+            raise ValueError(f"{scales.size} scales but {len(tables.cdfs)} CDF rows")
+        other = copy.copy(self)
+        other.scale_table, other.tables = torch.from_numpy(scales.copy()), tables
+        other.scale_index = native().ScaleIndex(scales)
+        other._table_on = {}
+        return other
 
 
 @functools.lru_cache(maxsize=8)
@@ -169,6 +185,15 @@ class EntropyBottleneck:
         cdfs = [quantized_cdf(np.concatenate((pmf[i, :n], tail[i])), self.precision).tolist()
                 for i, n in enumerate(pmf_length.tolist())]
         self.tables = CdfTables(cdfs=cdfs, offsets=(-minima).tolist())
+
+    def with_tables(self, tables: CdfTables) -> "EntropyBottleneck":
+        """A copy that codes with tables given instead of derived (one CDF per channel), e.g.
+        a golden set's (see GaussianConditional.with_tables). ValueError if the count differs."""
+        if len(tables.cdfs) != self.channels:
+            raise ValueError(f"{self.channels} channels but {len(tables.cdfs)} CDF rows")
+        other = copy.copy(self)
+        other.tables = tables
+        return other
 
     def logits_cumulative(self, x: np.ndarray) -> np.ndarray:
         """The learned cumulative density's logits at x (C, 1, n), canonical float32

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from osdiff.runtime.codec import Codec
-from osdiff.runtime.profiling import Span, Trace, per_stage
+from osdiff.runtime.profiling import NO_TRACE, Span, Trace, per_stage
 
 
 @dataclass
@@ -90,19 +91,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile(codec: Codec, images: list[np.ndarray], warmup: int = 5, runs: int = 50, backend_name: str = "") -> Profile:
+def profile(codec: Codec, images: list[np.ndarray], warmup: int = 5, runs: int = 50, backend_name: str = "",
+            on_stage: Callable[[str], None] | None = None, on_run: Callable[[], None] | None = None) -> Profile:
+    """A first compress and `warmup` round trips, untimed, then `runs` timed round trips.
+    on_stage: called with each span's name as it starts; on_run: after the first compress and
+    after each round trip (a progress display)."""
     device = codec.backend.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    streams = codec.compress_batch(images)
+    done = on_run or (lambda: None)
+    streams = codec.compress_batch(images, trace=Trace(on_start=on_stage) if on_stage else NO_TRACE)
+    done()
     for _ in range(warmup):
-        codec.decompress_batch(codec.compress_batch(images))
+        warm = Trace(on_start=on_stage) if on_stage else NO_TRACE
+        codec.decompress_batch(codec.compress_batch(images, trace=warm), trace=warm)
+        done()
     enc_total, dec_total = [], []
     enc_stages: list[dict[str, float]] = []
     dec_stages: list[dict[str, float]] = []
     last: dict[str, list[Span]] = {}
     for _ in range(runs):
-        trace = Trace(device)
+        trace = Trace(device, on_start=on_stage)
         _sync(device)
         t0 = time.perf_counter()
         streams = codec.compress_batch(images, trace=trace)
@@ -111,7 +120,7 @@ def profile(codec: Codec, images: list[np.ndarray], warmup: int = 5, runs: int =
         last["encode"] = trace.spans()
         enc_stages.append(per_stage(last["encode"], bucket=False))
 
-        trace = Trace(device)
+        trace = Trace(device, on_start=on_stage)
         _sync(device)
         t0 = time.perf_counter()
         codec.decompress_batch(streams, trace=trace)
@@ -119,6 +128,7 @@ def profile(codec: Codec, images: list[np.ndarray], warmup: int = 5, runs: int =
         dec_total.append((time.perf_counter() - t0) * 1e3)
         last["decode"] = trace.spans()
         dec_stages.append(per_stage(last["decode"], bucket=False))
+        done()
 
     def collect(per_run: list[dict[str, float]]) -> dict[str, Stats]:
         names = list(per_run[0])

@@ -9,7 +9,7 @@ once and resolves the events. Each span is also an NVTX range, so Nsight shows t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,9 +24,14 @@ class Span:
 
 
 class Trace:
-    def __init__(self, device: torch.device | str = "cpu", enabled: bool = True) -> None:
+    """on_start: called with a span's name as the span begins (on the CPU, when its work is
+    issued), e.g. to show which stage a long run is in."""
+
+    def __init__(self, device: torch.device | str = "cpu", enabled: bool = True,
+                 on_start: Callable[[str], None] | None = None) -> None:
         self.device = torch.device(device)
         self.enabled = enabled
+        self.on_start = on_start
         self.cuda = self.enabled and self.device.type == "cuda"
         self._cpu: list[tuple[str, float, float]] = []
         self._gpu: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
@@ -41,6 +46,8 @@ class Trace:
         if not self.enabled:
             yield
             return
+        if self.on_start is not None:
+            self.on_start(name)
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.nvtx.range_push(name)

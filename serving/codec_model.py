@@ -18,7 +18,7 @@ from torch import Tensor
 
 from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from osdiff.runtime.codec import Codec
-from osdiff.serving.models import COMPRESS, CodecModels
+from osdiff.serving.models import COMPRESS, CodecModels, error_report
 
 EXPORT_DIR = "export"  # beside model.py: see serving/repository.py
 
@@ -53,7 +53,9 @@ class BlsBackend:
 
 class CodecModel:
     """Triton's TritonPythonModel interface. Every request is answered on its own: a bad one
-    gets an error response naming the problem, the others in the same call are unaffected."""
+    gets an error response naming the problem (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT),
+    a failure of the server INTERNAL with an incident id (serving/models.py `error_report`); the
+    others in the same call are unaffected."""
 
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -74,5 +76,7 @@ class CodecModel:
                 (outputs,) = self.method([inputs])
                 responses.append(self.pb.InferenceResponse([self.pb.Tensor(k, v) for k, v in outputs.items()]))
             except Exception as e:
-                responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(e).__name__}: {e}")))
+                report = error_report(e)
+                code = getattr(self.pb.TritonError, report["code"])
+                responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(report["message"], code)))
         return responses

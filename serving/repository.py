@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from osdiff.export.onnx_export import ExportError, load_export
+from osdiff.runtime.backends.onnxruntime_backend import graph_variants
 from osdiff.engine.manifest import FORMAT as ENGINE_FORMAT
 from osdiff.serving.codec_model import EXPORT_DIR
 from osdiff.serving.models import COMPRESS, DECOMPRESS, INPUTS, OUTPUTS, TensorSpec
@@ -47,7 +48,7 @@ _TRITON_TYPES = {"UINT8": "TYPE_UINT8", "UINT32": "TYPE_UINT32", "BYTES": "TYPE_
 @dataclass
 class RepositoryOptions:
     python_only: bool = False  # graph models on Triton's Python backend (ONNX Runtime CPU), e.g. PyTriton's tritonserver
-    precision: str = "fp32"  # ONNX variant of the heavy graphs: fp32 or fp16 (where exported)
+    precision: str = "fp32"  # ONNX variant of the heavy graphs (ExportError where the export lacks it)
     max_batch: int = 8  # dynamic batcher of the graph models
     queue_delay_us: int = 500
     gpu: bool = True  # graph models on GPU instances (TensorRT: always)
@@ -83,6 +84,7 @@ def write_repository(source: str | Path, out: str | Path, options: RepositoryOpt
     else:
         model_dir = src
         manifest, _ = load_export(src)
+        variants = graph_variants(src, manifest, options.precision)  # before anything is written
         remote = [g for g in HEAVY_GRAPHS if g in manifest["graphs"]]
         max_batch = options.max_batch
     out.mkdir(parents=True, exist_ok=True)
@@ -95,8 +97,7 @@ def write_repository(source: str | Path, out: str | Path, options: RepositoryOpt
             shutil.copyfile(src / engines.graphs[graph]["engine"], version / "model.plan")
             platform = {"platform": "tensorrt_plan"}
         else:
-            variant = entry.get(options.precision, entry["fp32"])
-            onnx = src / variant["file"]
+            onnx = src / variants[graph]["file"]
             shutil.copyfile(onnx, version / "model.onnx")
             if onnx.with_name(onnx.name + ".data").exists():  # weights over 2 GB: the graph names this file
                 shutil.copyfile(onnx.with_name(onnx.name + ".data"), version / (onnx.name + ".data"))

@@ -112,10 +112,39 @@ def test_usage_errors(inputs, tiny_dir, tmp_path):
 
 
 def test_export_command_writes_the_graphs_it_is_asked_for(tiny_dir, tmp_path):
+    from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
     result = run("export", "--sd", tiny_dir / "sd21_tiny.ckpt", "--osdiff", tiny_dir / "osdiff_tiny.ckpt",
                  "--config", tiny_dir / "config.json", "-o", tmp_path, "--only", "analysis", "--only", "synthesis")
     assert "[1/2] analysis fp32" in result.output and "[2/2] synthesis fp16" in result.output
     assert sorted(p.name for p in (tmp_path / "fp32").iterdir()) == ["analysis.onnx", "synthesis.onnx"]
+    # fp16 runs the fp16 synthesis, and the LFGCM's analysis in fp32, by design
+    backend = OnnxRuntimeBackend(tmp_path, precision="fp16")
+    assert backend.variants["synthesis"]["file"] == "fp16/synthesis.onnx"
+    assert backend.variants["analysis"]["file"] == "fp32/analysis.onnx"
+
+
+def test_a_precision_the_export_lacks_is_an_error(tiny_dir, inputs, tmp_path):
+    """Not a silent fp32 run: the error names the graph and how to export it."""
+    from osdiff.export.onnx_export import ExportError
+    from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from osdiff.serving.repository import RepositoryOptions, write_repository
+
+    export = tmp_path / "fp32-only"
+    run("export", "--sd", tiny_dir / "sd21_tiny.ckpt", "--osdiff", tiny_dir / "osdiff_tiny.ckpt", "--config",
+        tiny_dir / "config.json", "-o", export, "--only", "analysis", "--only", "synthesis", "--no-fp16")
+    assert OnnxRuntimeBackend(export, precision="fp32").variants["synthesis"]["file"] == "fp32/synthesis.onnx"
+    with pytest.raises(ExportError) as e:
+        OnnxRuntimeBackend(export, precision="fp16")
+    message = str(e.value)
+    assert "no fp16 variant of 'synthesis' (" in message and "'analysis'" not in message
+    assert "--no-fp16" in message and "fp32 by design" in message
+    out = run("compress", inputs / "photo.png", "-o", tmp_path / "x.osd", "--engines", export, "--precision", "fp16",
+              ok=False).output
+    assert "no fp16 variant of 'synthesis'" in out and not (tmp_path / "x.osd").exists()
+    with pytest.raises(ExportError, match="no fp16 variant of 'synthesis'"):
+        write_repository(export, tmp_path / "repo", RepositoryOptions(precision="fp16"))
+    assert not (tmp_path / "repo").exists()
 
 
 @pytest.mark.slow
@@ -152,3 +181,54 @@ def test_compress_says_when_the_vae_ran_in_tiles(tiny_dir, tiny_model, tiny_imag
     assert "the VAE ran in" in result.output and "did not fit in memory" in result.output
     result = run("compress", tmp_path / "big.png", "-o", tmp_path / "whole.osd", *checkpoints)
     assert "tiles" not in result.output
+
+
+def test_several_inputs_need_an_output_directory(inputs, tmp_path):
+    """-o with a file's name and several inputs is an error, not a new folder called x.osd."""
+    for name in ("x.osd", "x.bin", "x.png", "x.JPG"):
+        result = run("compress", inputs / "photo.png", inputs / "crop.jpg", "-o", tmp_path / name, "--random-weights",
+                     "--config", "demo", ok=False)
+        assert result.exit_code == 2 and "several inputs need an output directory" in result.output, result.output
+        assert not (tmp_path / name).exists()
+    (tmp_path / "file").write_bytes(b"")
+    result = run("decompress", tmp_path / "file", tmp_path / "file", "-o", tmp_path / "file", ok=False)
+    assert "several inputs need an output directory" in result.output and "is a file" in result.output
+
+
+def _checkpoints(tiny_dir):
+    return ["--sd", tiny_dir / "sd21_tiny.ckpt", "--osdiff", tiny_dir / "osdiff_tiny.ckpt", "--config", tiny_dir / "config.json"]
+
+
+STAGES = ("memory_plan", "upload", "vae_encoder", "analysis", "z_coding", "hyper_synthesis", "y_coding", "parse",
+          "synthesis", "denoiser", "vae_decoder", "noise", "download")
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_on_a_terminal_and_never_with_quiet(inputs, tiny_dir, tmp_path, monkeypatch, terminal):
+    """A stage bar per file on a terminal (stderr forced to be one here), none with --quiet or
+    when stderr is not a terminal; the result lines (stdout) in every case, load and per-file
+    times apart, the first file marked as the warm-up."""
+    from osdiff.cli import common
+
+    monkeypatch.setattr(common, "stderr_is_terminal", lambda: terminal)
+    monkeypatch.setattr(common, "PROGRESS_DELAY_S", 0)
+    files = (inputs / "photo.png", inputs / "crop.jpg")
+    loud = run("compress", *files, "-o", tmp_path / "a", *_checkpoints(tiny_dir))
+    quiet = run("compress", *files, "-o", tmp_path / "b", *_checkpoints(tiny_dir), "--quiet")
+    for result in (loud, quiet):
+        lines = result.stdout.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("[1/2]") and lines[1].startswith("[2/2]")
+        assert "(first file: includes the warm-up)" in lines[0] and "warm-up" not in lines[1]
+    assert "model loaded in" in loud.stderr and "loading checkpoints" in loud.stderr
+    shown = [s for s in STAGES if f"photo.png: {s} [" in loud.stderr]
+    assert bool(shown) == terminal, loud.stderr
+    assert quiet.stderr == ""
+
+    decoded = run("decompress", tmp_path / "a" / "photo.osd", "-o", tmp_path / "photo.png", *_checkpoints(tiny_dir))
+    assert bool([s for s in STAGES if f"photo.osd: {s} [" in decoded.stderr]) == terminal
+    profiled = run("profile", *_checkpoints(tiny_dir), "--size", "64x64", "--runs", "2", "--warmup", "1")
+    bar = profiled.stderr.split("measured runs ...")[-1]  # after the info line: the bar (1 + 1 warm-up, 2 runs)
+    assert ("measured runs:" in bar and "/4 [" in bar) == terminal, profiled.stderr
+    assert bool([s for s in STAGES if s in bar]) == terminal
+    profiled = run("profile", *_checkpoints(tiny_dir), "--size", "64x64", "--runs", "2", "--warmup", "1", "--quiet")
+    assert profiled.stderr == "" and "encode (bytes/pixels" in profiled.stdout

@@ -314,6 +314,12 @@ def test_jpeg_eval_bpp_is_eight_times_the_bytes_written_per_pixel(photo_files, t
         assert doc["results"]["psnr-rgb"][i] == pytest.approx(np.mean([float(r["psnr-rgb"]) for r in mine]))
     assert doc["results"]["bpp"][0] < doc["results"]["bpp"][1]
     assert "lpips-alex" in doc["skipped"] and "lpips-alex" not in doc["results"]
+    # a skipped metric has no column either; times are in seconds and say so
+    assert not set(doc["skipped"]) & set(rows[0]), rows[0].keys()
+    assert float(rows[0]["encoding_time_s"]) > 0 and float(rows[0]["decoding_time_s"]) > 0
+    assert doc["units"]["encoding_time"] == "s" and doc["units"]["bpp"] == "bits per pixel"
+    first = [float(r["encoding_time_s"]) for r in rows if r["point"] == "jpeg-q10"]
+    assert doc["results"]["encoding_time"][0] == pytest.approx(np.mean(first))
 
 
 def test_osdiff_eval_writes_streams_that_decode_to_what_was_scored(photo_files, tiny_dir, tiny_model, tmp_path):
@@ -431,6 +437,12 @@ def test_compare_prints_bd_rates_and_draws_every_metric(sweeps, tmp_path):
     assert row["curve"] == "one-point" and row["jpeg"]["psnr-rgb"] == pytest.approx(row["one-point"]["psnr-rgb"])
     with Image.open(tmp_path / "cmp" / "rd.png") as im:
         assert im.format == "PNG" and im.width > 800
+    # without -o: the same tables, and no file
+    printed = cli("eval", "--compare", sweeps / "jpeg.json", sweeps / "webp.json", tmp_path / "single.json",
+                  "--published", tmp_path / "pub.json", "--published", tmp_path / "pub2.json")
+    assert printed.output == result.output.split("\nwrote ")[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp", "pub.json", "pub2.json", "single.json"]
+    assert "give -o DIR" in cli("eval", *sweeps.glob("*.json"), "--codec", "jpeg", ok=False).output
 
 
 def test_compare_refuses_a_file_that_is_not_a_results_file(tmp_path):

@@ -72,19 +72,16 @@ def jpeg_at_bpp(image: np.ndarray, target_bpp: float) -> tuple[int, float, np.nd
 
 
 def _padded(image: np.ndarray, pad_multiple: int) -> torch.Tensor:
-    """The image as the codec feeds it: 1 x 3 x H' x W' in [0, 1], zero-padded at the bottom and
-    right to multiples of pad_multiple."""
-    from osdiff.runtime.codec import image_to_tensor
+    """The image as the codec's .osd encoder feeds it: 1 x 3 x H' x W' in [0, 1], padded at the
+    bottom and right to multiples of pad_multiple as runtime/codec.py pads (OSD_PADDING)."""
+    from osdiff.runtime.codec import image_to_tensor, pad_image
 
-    x = image_to_tensor(image)
-    h, w = x.shape[2:]
-    hp, wp = -(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple
-    return torch.nn.functional.pad(x, (0, wp - w, 0, hp - h))
+    return image_to_tensor(pad_image(image, pad_multiple))
 
 
 def estimated_bpp(training_model, image: np.ndarray, pad_multiple: int) -> float:
-    """The rate the training objective assigns to the rounded latents of `image` (zero-padded
-    as the codec pads it), per pixel of the unpadded image."""
+    """The rate the training objective assigns to the rounded latents of `image` (padded as the
+    codec pads it), per pixel of the unpadded image."""
     from osdiff.training.objective import rate_loss
 
     h, w = image.shape[:2]
@@ -96,7 +93,7 @@ def estimated_bpp(training_model, image: np.ndarray, pad_multiple: int) -> float
 
 
 def ceilings(training_model, image: np.ndarray, pad_multiple: int) -> tuple[float, float]:
-    """(PSNR of D(E(x)), PSNR of D(G_s(y_hat))) for `image`, zero-padded as the codec pads it
+    """(PSNR of D(E(x)), PSNR of D(G_s(y_hat))) for `image`, padded as the codec pads it
     and cropped back: what the autoencoder alone and the LFGCM without the denoiser allow, the
     ceilings of the whole decoder's PSNR."""
     from osdiff.runtime.codec import tensor_to_image

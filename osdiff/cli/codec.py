@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from osdiff.cli.common import (HxW, backend_options, checkpoint_options, existing_file, load_model, open_backend,
-                               open_codec, outputs_for, run_each, user_errors)
+from osdiff.cli.common import (HxW, RunProgress, backend_options, checkpoint_options, existing_file, info, load_model,
+                               open_backend, open_codec, outputs_for, quiet_option, run_each, show_progress,
+                               user_errors)
 from osdiff.config import ModelConfig
 from osdiff.files import ImageWarning, png_bytes, psnr, read_image, write_atomic
 from osdiff.runtime.bitstream import OsdStream, tile_grid
 
 if TYPE_CHECKING:
     from osdiff.runtime.backends.base import Backend
+    from osdiff.runtime.profiling import Trace
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=existing_file)
@@ -30,22 +32,27 @@ if TYPE_CHECKING:
 @click.option("--tile", default="auto", show_default=True,
               help='VAE tiles for images too large for memory: "auto" (whole image when it fits, else the largest '
                    'tile that does), "off", or a tile side in pixels. The grid is stored in the stream.')
+@quiet_option
 @backend_options
 @user_errors
-def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: str, **options: Any) -> None:
+def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: str, quiet: bool, **options: Any) -> None:
     """Compress images (PNG, JPEG, ...) to .osd streams."""
     if tile not in ("auto", "off") and not tile.isdigit():
         raise click.UsageError(f'--tile must be "auto", "off" or a number of pixels, got {tile!r}')
     tiles: int | str | None = None if tile == "off" else tile if tile == "auto" else int(tile)
-    codec = open_codec(**options)
+    outputs = outputs_for(images, output, ".osd" if fmt == "osd" else ".bin")
+    codec = open_codec(quiet=quiet, **options)
 
-    def work(src: str, dst: Path) -> str:
+    def work(src: str, dst: Path, trace: "Trace") -> str:
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always", ImageWarning)
             image = read_image(src)
         for note in notes:
             click.echo(f"note: {note.message}", err=True)
-        data = codec.compress(image, seed=seed, tile=tiles) if fmt == "osd" else codec.compress_reference(image)
+        if fmt == "osd":
+            data = codec.compress(image, seed=seed, trace=trace, tile=tiles)
+        else:
+            data = codec.compress_reference(image, trace=trace)
         write_atomic(dst, data)
         grid = tile_grid(OsdStream.from_bytes(data)) if fmt == "osd" else None
         if grid and tile == "auto":
@@ -54,7 +61,7 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: st
                        "one", err=True)
         return f"{len(data)} bytes, {len(data) * 8 / (image.shape[0] * image.shape[1]):.4f} bpp"
 
-    run_each(list(zip(images, outputs_for(images, output, ".osd" if fmt == "osd" else ".bin"))), work)
+    run_each(list(zip(images, outputs)), work, codec, quiet)
 
 
 @click.command()
@@ -66,27 +73,29 @@ def compress(images: tuple[str, ...], output: str, seed: int, fmt: str, tile: st
 @click.option("--size", type=HxW(), default=None,
               help="HxW of the image, for --format reference (which does not store it).")
 @click.option("--seed", default=0, show_default=True, help="Noise seed for --format reference.")
+@quiet_option
 @backend_options
 @user_errors
-def decompress(streams: tuple[str, ...], output: str, fmt: str, size: tuple[int, int] | None, seed: int,
+def decompress(streams: tuple[str, ...], output: str, fmt: str, size: tuple[int, int] | None, seed: int, quiet: bool,
                **options: Any) -> None:
     """Decompress .osd streams to PNG images."""
     if fmt == "reference":
         if size is None:
             raise click.UsageError("--format reference needs --size HxW")
         height, width = size
-    codec = open_codec(**options)
+    outputs = outputs_for(streams, output, ".png")
+    codec = open_codec(quiet=quiet, **options)
 
-    def work(src: str, dst: Path) -> str:
+    def work(src: str, dst: Path, trace: "Trace") -> str:
         data = Path(src).read_bytes()
         if fmt == "osd":
-            image = codec.decompress(data)
+            image = codec.decompress(data, trace=trace)
         else:
-            image = codec.decompress_reference(data, height, width, seed=seed)
+            image = codec.decompress_reference(data, height, width, seed=seed, trace=trace)
         write_atomic(dst, png_bytes(image))
         return f"{image.shape[0]}x{image.shape[1]} (HxW)"
 
-    run_each(list(zip(streams, outputs_for(streams, output, ".png"))), work)
+    run_each(list(zip(streams, outputs)), work, codec, quiet)
 
 
 @click.command()
@@ -163,10 +172,11 @@ def demo(output: str, image: str | None, random_weights: bool) -> None:
 @click.option("--image", type=existing_file, default=None, help="Image to resize to --size (default: the bundled one).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Write the last run as a Chrome trace.")
+@quiet_option
 @checkpoint_options
 @user_errors
 def profile(backend: str, engines: str | None, provider: str, precision: str | None, size: tuple[int, int], batch: int,
-            warmup: int, runs: int, image: str | None, json_path: str | None, trace_path: str | None,
+            warmup: int, runs: int, image: str | None, json_path: str | None, trace_path: str | None, quiet: bool,
             **checkpoints: Any) -> None:
     """Per-stage latency (median, p90, min) and end-to-end encode/decode, bytes to pixels."""
     import json
@@ -183,17 +193,25 @@ def profile(backend: str, engines: str | None, provider: str, precision: str | N
         from osdiff.runtime.backends.torch_backend import TorchBackend
 
         half = (precision or "fp16") == "fp16"
-        be: Backend = TorchBackend(load_model(**checkpoints), device="cuda", half=half, channels_last=half, cuda_graphs=True)
+        be: Backend = TorchBackend(load_model(quiet=quiet, **checkpoints), device="cuda", half=half, channels_last=half,
+                                   cuda_graphs=True)
     else:
-        be = open_backend(backend, engines, "cpu", precision or "fp32", provider, **checkpoints)
+        be = open_backend(backend, engines, "cpu", precision or "fp32", provider, quiet=quiet, **checkpoints)
     if image is None:
         with resources.as_file(resources.files("osdiff") / "assets" / "demo.png") as bundled:
             pixels = read_image(bundled)
     else:
         pixels = read_image(image)
     pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BICUBIC))
-    click.echo(f"profiling {backend}: {warmup} warm-up and {runs} measured runs ...", err=True)
-    result = run_profile(Codec(be), [pixels] * batch, warmup=warmup, runs=runs, backend_name=backend)
+    info(f"profiling {backend}: {warmup} warm-up and {runs} measured runs ...", quiet)
+    shown = show_progress(quiet)
+    progress = RunProgress(1 + warmup, runs, shown)  # the first compress warms up too
+    try:
+        # no stage callback inside the timed runs unless the bar is shown
+        result = run_profile(Codec(be), [pixels] * batch, warmup=warmup, runs=runs, backend_name=backend,
+                             on_stage=progress.stage if shown else None, on_run=progress.run_done)
+    finally:
+        progress.close()
     click.echo(result.table())
     if json_path:
         write_atomic(json_path, json.dumps(result.to_json(), indent=1).encode())

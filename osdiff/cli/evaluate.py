@@ -7,13 +7,14 @@ from typing import Any
 
 import click
 
-from osdiff.cli.common import backend_options, existing_file, open_codec, user_errors
+from osdiff.cli.common import backend_options, existing_file, open_codec, show_progress, user_errors
 from osdiff.files import write_atomic
 
 @click.command("eval")
 @click.argument("inputs", nargs=-1, required=True, type=existing_file)
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              help="Results folder (NAME.json, NAME.csv, streams/); with --compare: rd.png and compare.json.")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False),
+              help="Results folder (NAME.json, NAME.csv, streams/). With --compare, optional: where to write "
+                   "compare.json and rd.png (the tables are printed either way).")
 @click.option("--codec", type=click.Choice(["osdiff", "jpeg", "webp"]), default="osdiff", show_default=True,
               help="jpeg/webp: Pillow's, swept over --quality (the classical baselines).")
 @click.option("--quality", "qualities", default=None, metavar="Q,Q,...",
@@ -26,7 +27,7 @@ from osdiff.files import write_atomic
               help="Folder with the metric backbones' weight files, looked in before torch's hub cache.")
 @click.option("--fid-min-patches", default=100, show_default=True, type=click.IntRange(min=2),
               help="FID/KID only when the set gives this many 256x256 patches (Kodak: 192).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (there is none either when stderr is not a terminal).")
 @click.option("--compare", "compare_mode", is_flag=True,
               help="INPUTS are results JSON files: print BD-rates, write RD plots.")
 @click.option("--published", multiple=True, type=existing_file,
@@ -34,7 +35,7 @@ from osdiff.files import write_atomic
 @click.option("--anchor", default=None, help="With --compare: the BD-rate anchor curve (default: the first).")
 @backend_options
 @user_errors
-def eval_(inputs: tuple[str, ...], output: str, codec: str, qualities: str | None, protocol: str, name: str | None,
+def eval_(inputs: tuple[str, ...], output: str | None, codec: str, qualities: str | None, protocol: str, name: str | None,
           seed: int, metric_weights: str | None, fid_min_patches: int, no_progress: bool, compare_mode: bool,
           published: tuple[str, ...], anchor: str | None, **options: Any) -> None:
     """Rate, distortion and perception of a codec on a set of images (bpp from the streams
@@ -51,15 +52,19 @@ def eval_(inputs: tuple[str, ...], output: str, codec: str, qualities: str | Non
 
     if name is not None and (Path(name).name != name or name in (".", "..")):
         raise click.UsageError(f"--name must be a plain file name, got {name!r}")
-    out = Path(output)
     if compare_mode:
         curves = [compare.read_curve(p) for p in inputs] + [compare.read_curve(p, published=True) for p in published]
         result = compare.compare(curves, anchor)
         click.echo(compare.report(result))
-        write_atomic(out / "compare.json", json.dumps(result, indent=1).encode())
-        compare.plot(curves, out / "rd.png")
-        click.echo(f"\nwrote {out / 'compare.json'} and {out / 'rd.png'}")
+        if output is not None:
+            out = Path(output)
+            write_atomic(out / "compare.json", json.dumps(result, indent=1).encode())
+            compare.plot(curves, out / "rd.png")
+            click.echo(f"\nwrote {out / 'compare.json'} and {out / 'rd.png'}")
         return
+    if output is None:
+        raise click.UsageError("give -o DIR: the folder for the results (NAME.json, NAME.csv and the streams)")
+    out = Path(output)
 
     images = run.ImageSet(list(inputs), protocol)
     if codec == "osdiff":
@@ -83,7 +88,7 @@ def eval_(inputs: tuple[str, ...], output: str, codec: str, qualities: str | Non
     fid = metrics.PatchFID(images.patch_count(), fid_min_patches, metric_weights, options["device"])
     for key, reason in {**scores.skipped, **fid.skipped}.items():
         click.echo(f"skipping {key}: {reason}", err=True)
-    document = run.evaluate(images, points, out, label, description, scores, fid, progress=not no_progress)
+    document = run.evaluate(images, points, out, label, description, scores, fid, progress=show_progress(no_progress))
     click.echo(run.summary(document))
     click.echo(f"wrote {out / (label + '.json')}, {out / (label + '.csv')} and the streams in {out / 'streams'}")
 

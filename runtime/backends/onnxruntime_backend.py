@@ -11,6 +11,7 @@ it); session creation takes a lock, so two threads never load the same graph twi
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
+from osdiff.calibration.precision import fp32_by_design
 from osdiff.export.onnx_export import ExportError, load_export
 
 PROVIDERS = {
@@ -50,7 +52,37 @@ def _share_cpu_arena() -> None:
             _arena_shared = True
 
 
+# How to get a precision's variants into an export (osdiff export's flags)
+_EXPORT_HINT = {"fp16": "`osdiff export` writes them unless --no-fp16 is given",
+                "int8": "`osdiff calibrate --precision int8` adds them to an export"}
+
+
+def graph_variants(directory: str | Path, manifest: dict, precision: str) -> dict[str, dict]:
+    """The manifest entry ({"file", "sha256"}) of the variant each graph of an export runs in
+    at `precision`: its variant of that precision, else fp32 for the graphs that are fp32 by
+    design (calibration/precision.py: the LFGCM graphs). ExportError naming every other graph
+    the export lacks in that precision, and how to export it: never a silent fp32 run."""
+    variants, missing = {}, []
+    for graph, entry in manifest["graphs"].items():
+        if precision in entry:
+            variants[graph] = entry[precision]
+        elif fp32_by_design(graph) and "fp32" in entry:
+            variants[graph] = entry["fp32"]
+        else:
+            missing.append(graph)
+    if missing:
+        how = _EXPORT_HINT.get(precision, f"export them in {precision} with `osdiff export`")
+        raise ExportError(
+            f"precision {precision}: the export in {directory} has no {precision} variant of "
+            f"{', '.join(repr(g) for g in missing)} ({how}); re-export the model, or use --precision fp32. "
+            "The LFGCM graphs (analysis, hyper_synthesis, entropy_*) are fp32 by design and run in fp32 at every precision")
+    return variants
+
+
 class OnnxRuntimeBackend:
+    """precision: the variant of the heavy graphs to run ("fp32", "fp16", "int8"); the LFGCM graphs
+    run fp32 whatever it is. ExportError at construction if the export lacks it for a graph."""
+
     name = "onnxruntime"
 
     def __init__(self, directory: str | Path, precision: str = "fp32", provider: str = "cpu",
@@ -63,9 +95,7 @@ class OnnxRuntimeBackend:
         self.directory = Path(directory)
         self.manifest, self.models = load_export(self.directory)
         self.precision = precision
-        if precision != "fp32" and not any(precision in e for e in self.manifest["graphs"].values()):
-            how = "re-export without --no-fp16" if precision == "fp16" else f"run `osdiff calibrate --precision {precision}`"
-            raise ExportError(f"{self.directory}: the export has no {precision} graphs; {how}")
+        self.variants = graph_variants(self.directory, self.manifest, precision)
         self.providers = PROVIDERS[provider]
         self.device = torch.device("cpu")  # I/O through host memory; see the module docstring
         self.options = ort.SessionOptions()
@@ -89,6 +119,7 @@ class OnnxRuntimeBackend:
             self.options.intra_op_num_threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
+        self.session_seconds = 0.0  # spent creating sessions so far (the first run of each graph pays it)
 
     def session(self, graph: str) -> ort.InferenceSession:
         session = self._sessions.get(graph)
@@ -99,14 +130,15 @@ class OnnxRuntimeBackend:
 
     def _create(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            entry = self.manifest["graphs"].get(graph)
-            if entry is None:
+            variant = self.variants.get(graph)
+            if variant is None:
                 raise ExportError(f"{self.directory}: graph {graph!r} was not exported")
-            variant = entry.get(self.precision, entry["fp32"])
             path = self.directory / variant["file"]
             if not path.exists():
                 raise ExportError(f"{path}: missing; re-run `osdiff export`")
+            t0 = time.perf_counter()
             self._sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+            self.session_seconds += time.perf_counter() - t0
         return self._sessions[graph]
 
     def unloaded_bytes(self, decode: bool) -> int:
@@ -114,10 +146,10 @@ class OnnxRuntimeBackend:
         encode_only = ("vae_encoder", "analysis")
         decode_only = ("synthesis", "denoiser", "vae_decoder")
         total = 0
-        for name, entry in self.manifest["graphs"].items():
+        for name, variant in self.variants.items():
             if name in self._sessions or name in (encode_only if decode else decode_only):
                 continue
-            path = self.directory / entry.get(self.precision, entry["fp32"])["file"]
+            path = self.directory / variant["file"]
             for f in (path, path.with_name(path.name + ".data")):
                 total += f.stat().st_size if f.exists() else 0
         return total
