@@ -167,6 +167,9 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
     if report_path.exists() and {"int8", "fp8"} <= set(json.loads(report_path.read_text())["results"]):
         echo(f"reusing the calibration in {d} (FP8's fake-quantized graphs rebuilt from its skip lists) ...")
         report = json.loads(report_path.read_text())
+        # the crops it was calibrated on: the crop size, and how many crops per photo
+        per_photo = len(report["images"]) // len({n.split("@")[0] for n in report["images"]})
+        images = load_calibration_images(None, report["crop"][0], per_photo)
         run = run_fp32(model, images)
         graphs = model.graphs()
         fp8 = {g: quantize(graphs[g].module, run.inputs[g], Recipe.fp8(),

@@ -31,10 +31,11 @@ from typing import Any
 from torch import nn
 
 from osdiff.calibration.images import CalibrationImage
-from osdiff.calibration.pipeline import CalibrationRun, decode_with, latent_error, quality, run_fp32
+from osdiff.calibration.pipeline import CalibrationRun, Recorded, decode_with, latent_error, quality, run_fp32
 from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS
 from osdiff.calibration.qdq_export import ATTENTION_FORM, count_qdq, export_qdq
-from osdiff.calibration.quantize import Recipe, blocks, keep_float, modelopt_version, partly_quantized, quantize
+from osdiff.calibration.quantize import (Recipe, blocks, folded, keep_float, modelopt_version, partly_quantized,
+                                         quantize)
 from osdiff.export.model import OSDiffModel
 from osdiff.export.onnx_export import ExportError, _sha256, load_export
 from osdiff.files import write_atomic
@@ -120,9 +121,10 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     quantized = {}
     for g in settings.graphs:
         module = graphs[g].module
-        quantized[g] = q = quantize(module, run.inputs[g], recipe)
+        quantized[g] = quantize(module, run.inputs[g], recipe)
         if not settings.sensitivity:
             continue
+        q = folded(quantized[g])  # the decodes below measure it; the export writes quantized[g]
         sensitivity[g] = {}
         block_layers = blocks(module)
         for i, (block, layers) in enumerate(block_layers.items(), 1):
@@ -144,7 +146,7 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     for g, q in quantized.items():
         keep_float(q, graphs[g].module, _layers(graphs[g].module, skipped[g]))
     while True:
-        decoded, stream_bytes = decode_with(model, run, quantized)
+        decoded, stream_bytes = decode_with(model, run, {g: folded(q) for g, q in quantized.items()})
         end_to_end = quality(decoded, run.decoded, originals) | {"rate_change": stream_bytes / run.bytes - 1}
         echo(f"{precision} all graphs, skipping {sum(map(len, skipped.values()))} block(s): {_fmt(end_to_end)}")
         if within(end_to_end) or not extra:
@@ -159,10 +161,12 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     for g, q in quantized.items():
         path = export_dir / precision / f"{g}.onnx"
         export_qdq(q, model.config, g, graphs[g].inputs, graphs[g].outputs, path)
-        alone, _ = decode_with(model, run, {g: q})
+        # that graph alone: it runs on the fp32 run's inputs for it, in order (decode_with)
+        recorded = Recorded(folded(q))
+        alone, _ = decode_with(model, run, {g: recorded})
         per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path), "qdq_pairs": count_qdq(path),
                         "quality": quality(alone, run.decoded, originals),
-                        "latent_error": latent_error(q, graphs[g].module, run.inputs[g])}
+                        "latent_error": latent_error(recorded.outputs, graphs[g].module, run.inputs[g])}
         echo(f"{precision} {g}: wrote {path} ({per_graph[g]['qdq_pairs']} Q/DQ pairs)")
     result = PrecisionResult(precision, recipe.describe(), skipped, sensitivity, per_graph, end_to_end, ok, registered,
                              time.perf_counter() - t0, quantized)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import onnx
 import torch
@@ -40,7 +41,12 @@ def export_qdq(module: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[st
     args = tuple(torch.randn(shapes[i]) for i in inputs)
     dynamic = {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in inputs + outputs}
     register_torchscript_symbolic()
-    with export_form(ATTENTION_FORM), torch.no_grad(), warnings.catch_warnings():
+    # The TorchScript exporter runs its graph lint (a consistency check of the traced graph that
+    # no later step needs) ten times, and on a fake-quantized graph, thousands of nodes, those
+    # runs are half the export (tiny model's denoiser: 17.7 of 38 s). The ONNX checker below
+    # still checks what is written.
+    with export_form(ATTENTION_FORM), torch.no_grad(), warnings.catch_warnings(), \
+            mock.patch.object(torch._C, "_jit_pass_lint", lambda graph: None):
         warnings.simplefilter("ignore")  # tracer warnings about Python values taken as constants
         # no constant folding: every weight keeps its parameter's name (which qdq_layers reads);
         # ONNX Runtime and Polygraphy fold the constants when they load the graph
