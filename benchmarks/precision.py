@@ -48,7 +48,7 @@ from osdiff.calibration.images import load_calibration_images  # noqa: E402
 from osdiff.calibration.islands import island_ranges, summary  # noqa: E402
 from osdiff.calibration.pipeline import _Backend, quality, run_fp32  # noqa: E402
 from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS  # noqa: E402
-from osdiff.calibration.quantize import Recipe, blocks, quantize  # noqa: E402
+from osdiff.calibration.quantize import Recipe, blocks, folded, quantize  # noqa: E402
 from osdiff.config import ModelConfig  # noqa: E402
 from osdiff.export.model import OSDiffModel  # noqa: E402
 from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
@@ -185,6 +185,7 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
         calibration = {p: {"skipped": r.skipped, "end_to_end": r.end_to_end, "within_targets": r.within_targets,
                            "recipe": r.recipe} for p, r in results.items()}
         run = run_fp32(model, images)
+    fp8 = {g: folded(m) for g, m in fp8.items()}  # the same computation, weights quantized once
     echo("fp16 islands: activation ranges on the calibration images ...")
     islands = summary(island_ranges(model, run))
     photos = {n: bundled_photo(n) for n in PHOTOS}

@@ -252,8 +252,9 @@ def test_tiny_attention_stays_float(tiny_calibrated):
 
 @needs_modelopt
 def test_tiny_onnx_runtime_runs_int8_convolutions_as_integer_kernels(tiny_calibrated, tiny_model, tmp_path):
-    """ONNX Runtime, with the backend's session options, turns every quantized convolution into
-    a QLinearConv (its integer kernel), none left in float behind its DequantizeLinear."""
+    """ONNX Runtime, given the graph as the backend loads it (uint8 activations), turns every
+    quantized convolution into a QLinearConv (its integer kernel), none left in float behind its
+    DequantizeLinears."""
     import onnx
 
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -418,25 +419,30 @@ def test_qdq_on_every_quantized_layer_and_nowhere_else(calibrated, builtin):
 @needs_modelopt
 @pytest.mark.parametrize("layer", [torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.Linear(16, 32)])
 def test_onnx_runtime_quantizes_a_layer_as_modelopt_does(layer, tmp_path):
-    """One quantized layer, ONNX Runtime (the backend's session options: QLinearConv for the
-    convolution, MatMulIntegerToFloat for the Linear) against ModelOpt's fake quantization.
-    Linear: equal to float rounding (1e-5 of the output's largest value). Conv, whose output is
-    quantized too: the same grid of output steps, at most one step apart where the int32
-    accumulator and the float sum round to different sides (under 1 % of the outputs)."""
+    """One quantized layer, ONNX Runtime as the backend loads it (uint8 activations: QLinearConv
+    for the convolution, MatMulIntegerToFloat for the Linear) against ModelOpt's fake
+    quantization. The uint8 rewrite changes no bit of ORT's output. Linear: equal to float
+    rounding (1e-5 of the output's largest value). Conv, whose output is quantized too: the same
+    grid of output steps, at most one step apart where the int32 accumulator and the float sum
+    round to different sides (under 1 % of the outputs)."""
     import onnxruntime as ort
 
     from osdiff.calibration.quantize import Recipe, quantize
+    from osdiff.runtime.backends.onnxruntime_int8 import session_source
 
     torch.manual_seed(0)
     x = torch.randn(2, 16, 12, 12) if isinstance(layer, torch.nn.Conv2d) else torch.randn(2, 40, 16)
     q = quantize(torch.nn.Sequential(layer), [(x,)], Recipe())
     with torch.no_grad():
-        torch.onnx.export(q, (x,), str(tmp_path / "layer.onnx"), dynamo=False, opset_version=18)
+        torch.onnx.export(q, (x,), str(tmp_path / "layer.onnx"), dynamo=False, opset_version=18,
+                          input_names=["input"])
         want = q(x)
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.qdqisint8allowed", "1")
-    session = ort.InferenceSession(str(tmp_path / "layer.onnx"), options, providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    source = session_source(tmp_path / "layer.onnx")
+    assert isinstance(source, bytes)
+    outs = [ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+            for src in (str(tmp_path / "layer.onnx"), source)]
+    assert np.array_equal(outs[0], outs[1])
+    got = torch.from_numpy(outs[1])
     if isinstance(layer, torch.nn.Linear):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
         return

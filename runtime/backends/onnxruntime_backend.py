@@ -21,6 +21,7 @@ from torch import Tensor
 
 from osdiff.calibration.precision import fp32_by_design
 from osdiff.export.onnx_export import ExportError, load_export
+from osdiff.runtime.backends.onnxruntime_int8 import session_source
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -103,13 +104,6 @@ class OnnxRuntimeBackend:
         # ORT's worker threads spin after each run by default; between the twenty small
         # entropy graphs that spinning starves the coder and the index code of the CPU.
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # INT8 Q/DQ graphs (osdiff calibrate: signed, symmetric, as TensorRT wants them): on x86
-        # ORT by default rewrites each int8 Q/DQ pair into uint8, but only where the Q feeds a
-        # single DQ; a convolution whose output fans out (into a GroupNorm, which reads the
-        # tensor's shape too, or a residual) then has uint8 in and int8 out and stays a float
-        # Conv. Allowing int8 keeps them signed, and every quantized convolution becomes a
-        # QLinearConv (VAE decoder: 26 of 26 instead of 11). No effect on graphs without Q/DQ.
-        self.options.add_session_config_entry("session.qdqisint8allowed", "1")
         # One CPU arena for every session (see _share_cpu_arena), allocating tensor by tensor
         # rather than one planned block per run, so that what one stage frees the next reuses.
         _share_cpu_arena()
@@ -137,7 +131,9 @@ class OnnxRuntimeBackend:
             if not path.exists():
                 raise ExportError(f"{path}: missing; re-run `osdiff export`")
             t0 = time.perf_counter()
-            self._sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+            # INT8 graphs run with uint8 activations on ORT's integer kernels (onnxruntime_int8.py)
+            source = session_source(path) if self.precision == "int8" else str(path)
+            self._sessions[graph] = ort.InferenceSession(source, self.options, providers=self.providers)
             self.session_seconds += time.perf_counter() - t0
         return self._sessions[graph]
 
