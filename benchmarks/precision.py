@@ -48,7 +48,7 @@ from osdiff.calibration.images import load_calibration_images  # noqa: E402
 from osdiff.calibration.islands import island_ranges, summary  # noqa: E402
 from osdiff.calibration.pipeline import _Backend, quality, run_fp32  # noqa: E402
 from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS  # noqa: E402
-from osdiff.calibration.quantize import Recipe, blocks, quantize  # noqa: E402
+from osdiff.calibration.quantize import Recipe, blocks, folded, quantize  # noqa: E402
 from osdiff.config import ModelConfig  # noqa: E402
 from osdiff.export.model import OSDiffModel  # noqa: E402
 from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
@@ -167,6 +167,9 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
     if report_path.exists() and {"int8", "fp8"} <= set(json.loads(report_path.read_text())["results"]):
         echo(f"reusing the calibration in {d} (FP8's fake-quantized graphs rebuilt from its skip lists) ...")
         report = json.loads(report_path.read_text())
+        # the crops it was calibrated on: the crop size, and how many crops per photo
+        per_photo = len(report["images"]) // len({n.split("@")[0] for n in report["images"]})
+        images = load_calibration_images(None, report["crop"][0], per_photo)
         run = run_fp32(model, images)
         graphs = model.graphs()
         fp8 = {g: quantize(graphs[g].module, run.inputs[g], Recipe.fp8(),
@@ -182,6 +185,7 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
         calibration = {p: {"skipped": r.skipped, "end_to_end": r.end_to_end, "within_targets": r.within_targets,
                            "recipe": r.recipe} for p, r in results.items()}
         run = run_fp32(model, images)
+    fp8 = {g: folded(m) for g, m in fp8.items()}  # the same computation, weights quantized once
     echo("fp16 islands: activation ranges on the calibration images ...")
     islands = summary(island_ranges(model, run))
     photos = {n: bundled_photo(n) for n in PHOTOS}

@@ -31,10 +31,11 @@ from typing import Any
 from torch import nn
 
 from osdiff.calibration.images import CalibrationImage
-from osdiff.calibration.pipeline import CalibrationRun, decode_with, latent_error, quality, run_fp32
+from osdiff.calibration.pipeline import CalibrationRun, Recorded, decode_with, latent_error, quality, run_fp32
 from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS
 from osdiff.calibration.qdq_export import ATTENTION_FORM, count_qdq, export_qdq
-from osdiff.calibration.quantize import Recipe, blocks, modelopt_version, quantize, set_quantized
+from osdiff.calibration.quantize import (Recipe, blocks, folded, keep_float, modelopt_version, partly_quantized,
+                                         quantize)
 from osdiff.export.model import OSDiffModel
 from osdiff.export.onnx_export import ExportError, _sha256, load_export
 from osdiff.files import write_atomic
@@ -117,23 +118,24 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     skipped = {g: list(settings.skip.get(g, [])) for g in settings.graphs}
     sensitivity: dict[str, dict[str, dict[str, float]]] = {}
     costs: list[tuple[float, str, str]] = []  # (cost, graph, block), for the extra skips
+    quantized = {}
     for g in settings.graphs:
         module = graphs[g].module
+        quantized[g] = quantize(module, run.inputs[g], recipe)
         if not settings.sensitivity:
             continue
-        q = quantize(module, run.inputs[g], recipe)
+        q = folded(quantized[g])  # the decodes below measure it; the export writes quantized[g]
         sensitivity[g] = {}
         block_layers = blocks(module)
         for i, (block, layers) in enumerate(block_layers.items(), 1):
-            set_quantized(q, set(layers))
-            decoded, stream_bytes = decode_with(model, run, {g: q})
+            with partly_quantized(module, q, layers) as m:
+                decoded, stream_bytes = decode_with(model, run, {g: m})
             sensitivity[g][block] = quality(decoded, run.decoded, originals) | {"rate_change": stream_bytes / run.bytes - 1}
             cost = sensitivity[g][block]["psnr_drop_db"]
             costs.append((cost, g, block))
             echo(f"  {precision} {g} [{i}/{len(block_layers)}] {block}: {_fmt(sensitivity[g][block])}")
             if cost > settings.max_block_loss_db and block not in skipped[g]:
                 skipped[g].append(block)
-        set_quantized(q, None)
         decoded, stream_bytes = decode_with(model, run, {g: q})
         sensitivity[g]["(all blocks)"] = quality(decoded, run.decoded, originals) | {"rate_change": stream_bytes / run.bytes - 1}
         echo(f"{precision} {g}: {len(block_layers)} blocks measured, all quantized: "
@@ -141,16 +143,17 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
              f"{', '.join(skipped[g]) or 'none'}")
     costs.sort(reverse=True)
     extra = [(g, b) for c, g, b in costs if b not in skipped[g] and c > 0][: settings.max_extra_skips]
+    for g, q in quantized.items():
+        keep_float(q, graphs[g].module, _layers(graphs[g].module, skipped[g]))
     while True:
-        quantized = {g: quantize(graphs[g].module, run.inputs[g], recipe, _layers(graphs[g].module, skipped[g]))
-                     for g in settings.graphs}
-        decoded, stream_bytes = decode_with(model, run, quantized)
+        decoded, stream_bytes = decode_with(model, run, {g: folded(q) for g, q in quantized.items()})
         end_to_end = quality(decoded, run.decoded, originals) | {"rate_change": stream_bytes / run.bytes - 1}
         echo(f"{precision} all graphs, skipping {sum(map(len, skipped.values()))} block(s): {_fmt(end_to_end)}")
         if within(end_to_end) or not extra:
             break
         g, b = extra.pop(0)
         skipped[g].append(b)
+        keep_float(quantized[g], graphs[g].module, _layers(graphs[g].module, [b]))
         echo(f"  over the targets {TARGETS}: {g} {b} stays float too")
     ok = within(end_to_end)
     registered = ok or accept_loss
@@ -158,18 +161,31 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     for g, q in quantized.items():
         path = export_dir / precision / f"{g}.onnx"
         export_qdq(q, model.config, g, graphs[g].inputs, graphs[g].outputs, path)
-        alone, _ = decode_with(model, run, {g: q})
+        # that graph alone: it runs on the fp32 run's inputs for it, in order (decode_with)
+        recorded = Recorded(folded(q))
+        alone, _ = decode_with(model, run, {g: recorded})
         per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path), "qdq_pairs": count_qdq(path),
                         "quality": quality(alone, run.decoded, originals),
-                        "latent_error": latent_error(q, graphs[g].module, run.inputs[g])}
+                        "latent_error": latent_error(recorded.outputs, graphs[g].module, run.inputs[g])}
         echo(f"{precision} {g}: wrote {path} ({per_graph[g]['qdq_pairs']} Q/DQ pairs)")
-    if not ok:
-        echo(f"WARNING: {precision} loses more than the targets on the calibration images "
-             f"(PSNR drop {end_to_end['psnr_drop_db']:.3f} dB, MS-SSIM drop {end_to_end.get('ms_ssim_drop', 0):.4f}; "
-             f"targets {TARGETS}); " + ("entered in the manifest anyway (--accept-loss)" if accept_loss else
-                                        "written, but NOT entered in the manifest: --accept-loss to use it"))
-    return PrecisionResult(precision, recipe.describe(), skipped, sensitivity, per_graph, end_to_end, ok, registered,
-                           time.perf_counter() - t0, quantized)
+    result = PrecisionResult(precision, recipe.describe(), skipped, sensitivity, per_graph, end_to_end, ok, registered,
+                             time.perf_counter() - t0, quantized)
+    echo(verdict(result))
+    return result
+
+
+def verdict(r: PrecisionResult) -> str:
+    """One line: what a precision loses end to end on the calibration images, against the
+    targets, and whether its graphs were entered in the manifest."""
+    q = r.end_to_end
+    loss = f"PSNR drop {q['psnr_drop_db']:.3f} dB, " + (f"MS-SSIM drop {q['ms_ssim_drop']:.4f}" if "ms_ssim_drop" in q
+                                                          else "MS-SSIM not measured (crops of 160 pixels or less)")
+    targets = f"{TARGETS['psnr_drop_db']} dB, {TARGETS['ms_ssim_drop']} MS-SSIM"
+    if r.within_targets:
+        return f"{r.precision}: within the targets ({targets}) on the calibration images: {loss}"
+    return (f"WARNING: {r.precision} loses more than the targets ({targets}) on the calibration images: {loss}; "
+            + ("entered in the manifest anyway (--accept-loss)" if r.registered
+               else "written, but NOT entered in the manifest (--accept-loss to use it)"))
 
 
 def _layers(module: nn.Module, skip_blocks: list[str]) -> list[str]:

@@ -134,13 +134,30 @@ def _ms_ssim():  # type: ignore[no-untyped-def]
     return f
 
 
-def latent_error(module: nn.Module, reference: nn.Module, inputs: list[tuple[Tensor, ...]]) -> dict[str, float]:
-    """Max and mean |quantized - fp32| of a graph's output on its calibration inputs, and the
-    fp32 output's RMS for scale."""
+class Recorded(nn.Module):
+    """`module`, keeping its output of every call (what latent_error compares)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.outputs: list[Tensor] = []
+
+    def forward(self, *args: Tensor) -> Tensor:
+        out = self.module(*args)
+        self.outputs.append(out)
+        return out
+
+
+def latent_error(outputs: list[Tensor], reference: nn.Module, inputs: list[tuple[Tensor, ...]]) -> dict[str, float]:
+    """Max and mean |quantized - fp32| of a graph's output on its calibration inputs (`outputs`:
+    the quantized graph's, one per input tuple, as a Recorded copy run by decode_with keeps
+    them), and the fp32 output's RMS for scale."""
+    if len(outputs) != len(inputs):
+        raise ValueError(f"{len(outputs)} outputs for {len(inputs)} inputs")
     errs, rms = [], []
     with torch.no_grad():
-        for args in inputs:
-            a, b = module(*args), reference(*args)
+        for a, args in zip(outputs, inputs):
+            b = reference(*args)
             errs.append((a - b).abs().flatten())
             rms.append(float(b.pow(2).mean().sqrt()))
     e = torch.cat(errs)

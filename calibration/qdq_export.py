@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import onnx
 import torch
@@ -40,7 +41,12 @@ def export_qdq(module: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[st
     args = tuple(torch.randn(shapes[i]) for i in inputs)
     dynamic = {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in inputs + outputs}
     register_torchscript_symbolic()
-    with export_form(ATTENTION_FORM), torch.no_grad(), warnings.catch_warnings():
+    # The TorchScript exporter runs its graph lint (a consistency check of the traced graph that
+    # no later step needs) ten times, and on a fake-quantized graph, thousands of nodes, those
+    # runs are half the export (tiny model's denoiser: 17.7 of 38 s). The ONNX checker below
+    # still checks what is written.
+    with export_form(ATTENTION_FORM), torch.no_grad(), warnings.catch_warnings(), \
+            mock.patch.object(torch._C, "_jit_pass_lint", lambda graph: None):
         warnings.simplefilter("ignore")  # tracer warnings about Python values taken as constants
         # no constant folding: every weight keeps its parameter's name (which qdq_layers reads);
         # ONNX Runtime and Polygraphy fold the constants when they load the graph
@@ -59,11 +65,15 @@ _LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 def qdq_layers(path: str | Path) -> dict[str, dict[str, bool]]:
     """Per layer of an ONNX graph (a Conv, ConvTranspose, MatMul or Gemm whose weight is a
     parameter, named by the parameter's module path, e.g. "decoder.up.1.block.0.conv1"):
-    whether its input and its weight come through a DequantizeLinear. Nodes whose second
-    operand is computed (attention's q.k and p.v products) are listed under "<path>:<op>" of
-    their node name, with weight False."""
+    whether its input and its weight come through a DequantizeLinear, and whether its output
+    goes into a QuantizeLinear. Nodes whose second operand is computed are listed under their
+    node name, with weight False."""
     model = onnx.load(str(path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     params = {i.name for i in model.graph.initializer}
     out: dict[str, dict[str, bool]] = {}
     for n in model.graph.node:
@@ -71,15 +81,25 @@ def qdq_layers(path: str | Path) -> dict[str, dict[str, bool]]:
             continue
         src = producer.get(n.input[0])
         dq_input = src is not None and src.op_type in _DEQUANT_OPS
+        q_output = any(c.op_type in _QUANT_OPS for c in consumers.get(n.output[0], []))
         name, dq_weight = n.input[1], False
         while name not in params and name in producer and producer[name].op_type in _WEIGHT_PATH_OPS:
             dq_weight |= producer[name].op_type in _DEQUANT_OPS
             name = producer[name].input[0]
         if name in params and name.endswith(".weight"):
-            out[name.removesuffix(".weight")] = {"input": dq_input, "weight": dq_weight}
+            out[name.removesuffix(".weight")] = {"input": dq_input, "weight": dq_weight, "output": q_output}
         else:
-            out[f"{n.name}"] = {"input": dq_input, "weight": False}
+            out[n.name] = {"input": dq_input, "weight": False, "output": q_output}
     return out
+
+
+def attention_inputs(path: str | Path) -> list[list[str]]:
+    """Per com.microsoft.MultiHeadAttention node of an ONNX graph, the op types producing its
+    inputs (the attention computes in float: none of them may be a DequantizeLinear)."""
+    model = onnx.load(str(path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return [[producer[i].op_type if i in producer else "(graph input)" for i in n.input if i]
+            for n in model.graph.node if n.op_type == "MultiHeadAttention"]
 
 
 # what lies between a parameter and the layer that uses it

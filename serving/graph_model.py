@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from osdiff.runtime.backends.onnxruntime_int8 import session_source
+
 
 class OnnxGraphModel:
     """Triton's TritonPythonModel interface; inputs and outputs as in the model's config.pbtxt."""
@@ -29,7 +31,8 @@ class OnnxGraphModel:
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # an INT8 graph with uint8 activations, as OnnxRuntimeBackend loads it
+        self.session = ort.InferenceSession(session_source(path), options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []

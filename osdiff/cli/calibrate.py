@@ -41,7 +41,7 @@ def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...]
     """Quantize the heavy graphs (VAE encoder, G_s, denoiser, VAE decoder) of an export to INT8
     (and FP8) with NVIDIA ModelOpt, calibrated on real images, their loss measured; the
     entropy-model graphs stay fp32. Run the result with --precision int8."""
-    from osdiff.calibration.calibrate import Settings, calibrate as run
+    from osdiff.calibration.calibrate import Settings, calibrate as run, verdict
     from osdiff.calibration.images import load_calibration_images
     from osdiff.calibration.quantize import modelopt_version
 
@@ -54,6 +54,8 @@ def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...]
     t0 = time.perf_counter()
     results = run(model, engines, crops, settings, accept_loss=accept_loss, echo=click.echo)
     click.echo(f"calibrated in {time.perf_counter() - t0:.0f} s; every number in {engines}/calibration.json")
+    for r in results:  # last, where the user looks: a loss over the targets is never buried in the log
+        click.echo(verdict(r))
     refused = [r.precision for r in results if not r.registered]
     if refused:
         raise click.ClickException(f"{', '.join(refused)} lost more than the targets and was not entered in the "

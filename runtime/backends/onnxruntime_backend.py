@@ -21,6 +21,7 @@ from torch import Tensor
 
 from osdiff.calibration.precision import fp32_by_design
 from osdiff.export.onnx_export import ExportError, load_export
+from osdiff.runtime.backends.onnxruntime_int8 import session_source
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -133,7 +134,9 @@ class OnnxRuntimeBackend:
             if not path.exists():
                 raise ExportError(f"{path}: missing; re-run `osdiff export`")
             t0 = time.perf_counter()
-            self._sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+            # INT8 graphs run with uint8 activations on ORT's integer kernels (onnxruntime_int8.py)
+            source = session_source(path) if self.precision == "int8" else str(path)
+            self._sessions[graph] = ort.InferenceSession(source, self.options, providers=self.providers)
             self.session_seconds += time.perf_counter() - t0
         return self._sessions[graph]
 
