@@ -14,6 +14,7 @@ convolutions and linear layers around it, never inside it.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -44,9 +45,10 @@ def export_qdq(module: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[st
     # The TorchScript exporter runs its graph lint (a consistency check of the traced graph that
     # no later step needs) ten times, and on a fake-quantized graph, thousands of nodes, those
     # runs are half the export (tiny model's denoiser: 17.7 of 38 s). The ONNX checker below
-    # still checks what is written.
-    with export_form(ATTENTION_FORM), torch.no_grad(), warnings.catch_warnings(), \
-            mock.patch.object(torch._C, "_jit_pass_lint", lambda graph: None):
+    # still checks what is written. A private hook: where a torch lacks it, the lint just runs.
+    no_lint = (mock.patch.object(torch._C, "_jit_pass_lint", lambda graph: None) if hasattr(torch._C, "_jit_pass_lint")
+               else contextlib.nullcontext())
+    with export_form(ATTENTION_FORM), torch.no_grad(), warnings.catch_warnings(), no_lint:
         warnings.simplefilter("ignore")  # tracer warnings about Python values taken as constants
         # no constant folding: every weight keeps its parameter's name (which qdq_layers reads);
         # ONNX Runtime and Polygraphy fold the constants when they load the graph
