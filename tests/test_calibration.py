@@ -282,17 +282,20 @@ def test_tiny_onnx_runtime_int8_graphs_lose_what_fake_quantization_loses(tiny_ca
     error of a step's edge lands on the other side, and the next layers carry the step on. The
     stated tolerance: ONNX Runtime's graph is as far from fp32 as fake quantization is, mean
     |ORT - fp32| within 10 % of mean |fake - fp32|."""
+    _assert_ort_int8_loses_what_fake_quantization_loses(tiny_model, tiny_crops, *tiny_calibrated)
+
+
+def _assert_ort_int8_loses_what_fake_quantization_loses(model, crops, out, result) -> None:
     from osdiff.calibration.pipeline import run_fp32
     from osdiff.calibration.quantize import folded
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    out, result = tiny_calibrated
     backend = OnnxRuntimeBackend(out, precision="int8")
-    graphs = tiny_model.graphs()
-    run = run_fp32(tiny_model, tiny_crops)
+    graphs = model.graphs()
+    run = run_fp32(model, crops)
     for g in QUANTIZED_GRAPHS:
         ort_err, fake_err = [], []
-        quantized = folded(result.modules[g])
+        quantized = folded(result.modules[g])  # the same outputs as the quantized module, faster
         for args in run.inputs[g]:
             with torch.no_grad():
                 fake, ref = quantized(*args), graphs[g].module(*args)
@@ -462,23 +465,7 @@ def test_onnx_runtime_quantizes_a_layer_as_modelopt_does(layer, tmp_path):
 def test_onnx_runtime_int8_graphs_lose_what_fake_quantization_loses(calibrated, builtin, calibration_crops):
     """As the tiny model's test, on the built-in model's graphs and their real inputs (ONNX
     Runtime's integer kernels against ModelOpt's fake quantization, same tolerance)."""
-    from osdiff.calibration.pipeline import run_fp32
-    from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-    out, result = calibrated
-    backend = OnnxRuntimeBackend(out, precision="int8")
-    graphs = builtin.graphs()
-    run = run_fp32(builtin, calibration_crops)
-    for g in QUANTIZED_GRAPHS:
-        ort_err, fake_err = [], []
-        for args in run.inputs[g]:
-            with torch.no_grad():
-                fake, ref = result.modules[g](*args), graphs[g].module(*args)
-            (got,) = backend.run(g, *args)
-            ort_err.append((got - ref).abs().mean().item())
-            fake_err.append((fake - ref).abs().mean().item())
-        ort_e, fake_e = np.mean(ort_err), np.mean(fake_err)
-        assert abs(ort_e / fake_e - 1) <= 0.10, f"{g}: ORT {ort_e:.4g}, fake {fake_e:.4g} from fp32"
+    _assert_ort_int8_loses_what_fake_quantization_loses(builtin, calibration_crops, *calibrated)
 
 
 @pytest.mark.slow
