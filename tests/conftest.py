@@ -83,3 +83,16 @@ def tiny_image(tiny_dir):
     from osdiff.files import read_image
 
     return read_image(tiny_dir / "input.png")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 now (all held open together, so none repeats)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -31,21 +31,10 @@ if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
 
 from osdiff.serving.client import CodecClient  # noqa: E402
 from osdiff.serving.models import COMPRESS, DECOMPRESS  # noqa: E402
+from conftest import free_ports  # noqa: E402
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 300
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def http_status(url: str) -> int:
