@@ -1,10 +1,10 @@
 """Calibration images: the photographs whose real activations set the INT8/FP8 ranges.
 
-Default: the built-in model's training photographs (training/data.py TRAIN_PHOTOS, shipped in
-scikit-image's and matplotlib's wheels). Never an evaluation image: the held-out photographs
-(chelsea, coffee, rocket) and the bundled demo photo (a crop of chelsea) are refused, by file
-name and by pixel content, because a quality figure measured on the images that set the ranges
-would flatter the quantization.
+Default: the built-in model's training photographs from scikit-image's and matplotlib's wheels
+(training/data.py TRAIN_PHOTOS). Never an evaluation image: the held-out set (training/data.py
+HELD_OUT_SET: four scikit-image photographs and eight wallpaper photographs) and the bundled demo
+photo (a crop of chelsea) are refused, by file name and by pixel content, because a quality
+figure measured on the images that set the ranges would flatter the quantization.
 
 Each image gives `crops` square crops of `size` pixels (a multiple of the model's pad multiple):
 the whole picture scaled so that its shorter side is `size`, centre-cropped (the image's overall
@@ -39,31 +39,31 @@ class CalibrationImage:
 
 
 def evaluation_images() -> dict[str, np.ndarray]:
-    """The images quality is reported on (name -> H x W x 3 uint8): the held-out photographs,
-    where scikit-image is installed, and the bundled demo photo."""
-    from osdiff.training.data import HELD_OUT_PHOTOS, bundled_photo
+    """The images quality is reported on (name -> H x W x 3 uint8): the held-out set, where
+    scikit-image is installed and the wallpapers fetched, and the bundled demo photo."""
+    from osdiff.training.data import HELD_OUT_SET, held_out_photo
 
     out = {}
-    for name in HELD_OUT_PHOTOS:
+    for name in HELD_OUT_SET:
         try:
-            out[name] = bundled_photo(name)
-        except FileNotFoundError:
-            continue  # not installed: the name check below still refuses them
+            out[name] = held_out_photo(name)
+        except (FileNotFoundError, ValueError):
+            continue  # not installed or not fetched: the name check below still refuses them
     with resources.as_file(resources.files("osdiff") / "assets" / "demo.png") as demo:
         out["demo.png (the bundled demo photo)"] = read_image(demo)
     return out
 
 
 def _refuse_evaluation_image(label: str, pixels: np.ndarray, evaluation: dict[str, np.ndarray]) -> None:
-    from osdiff.training.data import HELD_OUT_PHOTOS
+    from osdiff.training.data import HELD_OUT_SET
 
-    stems = {Path(n).stem for n in HELD_OUT_PHOTOS} | {"demo"}
+    stems = {Path(n).stem.lower() for n in HELD_OUT_SET} | {"demo"}
     same = [n for n, ev in evaluation.items() if ev.shape == pixels.shape and np.array_equal(ev, pixels)]
     if same or Path(label).stem.lower() in stems:
         what = same[0] if same else Path(label).name
         raise CalibrationError(
-            f"{label}: is an evaluation image ({what}); quality is measured on chelsea, coffee, rocket and the demo "
-            "photo, so they never set the quantization ranges: calibrate on other photos (default: the built-in "
+            f"{label}: is an evaluation image ({what}); quality is measured on the held-out set (training/data.py "
+            "HELD_OUT_SET) and the demo photo, so they never set the quantization ranges: calibrate on other photos (default: the built-in "
             "model's training photos)")
 
 

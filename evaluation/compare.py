@@ -51,6 +51,15 @@ class Curve:
         return None if v is None else np.asarray(v, dtype=np.float64)
 
 
+def is_comparison(path: str | Path) -> bool:
+    """Whether the file is what `compare` returned, as `osdiff eval --compare -o` writes it."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and "anchor" in doc and "metrics" in doc and "results" not in doc
+
+
 def read_curve(path: str | Path, published: bool = False) -> Curve:
     """Read one results JSON; ValueError naming the file when it is not in the layout."""
     path = Path(path)

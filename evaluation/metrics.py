@@ -100,9 +100,9 @@ class ImageMetrics:
                 raise ValueError(f"{name}: {w}x{h} is over the {MAX_NETWORK_PIXELS / 1e6:.1f} megapixels LPIPS and "
                                  f"DISTS are run on (about 2.5 GB per megapixel); use --protocol clic768 or smaller images")
 
-    def __call__(self, original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
+    def __call__(self, original: np.ndarray, decoded: np.ndarray, name: str = "an image") -> dict[str, float]:
         """Metric key -> value for this pair; a key is absent when the metric cannot run (its
-        reason is then in `skipped`)."""
+        reason, naming the first image it could not run on, is then in `skipped`)."""
         if original.shape != decoded.shape:
             raise ValueError(f"decoded image is {decoded.shape[:2]}, the original {original.shape[:2]}")
         self.check_sizes([original.shape[:2]], ["image"])
@@ -112,7 +112,9 @@ class ImageMetrics:
             out["ms-ssim-rgb"] = float(self._ms_ssim(a, b, data_range=255, size_average=True))
             out["ms-ssim-rgb-db"] = ms_ssim_db(out["ms-ssim-rgb"])
         else:
-            reason = f"needs images of at least {MS_SSIM_MIN_SIDE} pixels on the shorter side"
+            h, w = original.shape[:2]
+            reason = (f"needs images of at least {MS_SSIM_MIN_SIDE} pixels on the shorter side; {name} is {w}x{h} "
+                      "(the set's mean would leave it out, so the metric is left out for the whole set)")
             self.skipped.setdefault("ms-ssim-rgb", reason)
             self.skipped.setdefault("ms-ssim-rgb-db", reason)
         x, y = to_tensor(original, self.device), to_tensor(decoded, self.device)

@@ -131,7 +131,7 @@ def evaluate(images: ImageSet, points: Sequence[ImageCodec], output: str | Path,
             decoding_time = time.perf_counter() - t0
             h, w = image.shape[:2]
             row = {"point": point.label, "image": image_name, "height": h, "width": w, "bytes": len(data),
-                   "bpp": 8 * len(data) / (h * w), **metrics(image, decoded),
+                   "bpp": 8 * len(data) / (h * w), **metrics(image, decoded, image_name),
                    "encoding_time_s": encoding_time, "decoding_time_s": decoding_time}
             fid.add(image, decoded)
             point_rows.append(row)

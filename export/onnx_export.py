@@ -10,8 +10,8 @@ Output directory:
 
 Attention is written in the form of `attention=` (export/models/attention.py): by default ONNX
 Runtime's fused com.microsoft.MultiHeadAttention, which `osdiff build` rewrites into the plain
-pattern TensorRT fuses; the manifest's graph entry says which form ("attention") where a graph
-has any. Graphs take float32 inputs and give float32 outputs in both variants: an fp16 graph
+pattern TensorRT fuses; every graph entry of the manifest says which form ("attention"; null
+where the graph has none). Graphs take float32 inputs and give float32 outputs in both variants: an fp16 graph
 casts at its edges, so every runner binds the same buffers. Precision is decided inside the graph (the
 fp32 islands are the modules' own casts, see calibration/precision.py), which is what TensorRT
 11's strongly typed builds require.
@@ -106,7 +106,7 @@ def export_onnx(model: OSDiffModel, out_dir: str | Path, fp16: bool = True,
     names = [n for n in graphs if only is None or n in only]
     for i, name in enumerate(names, 1):
         g = graphs[name]
-        entry: dict = {"inputs": g.inputs, "outputs": g.outputs, "shapes": symbolic_shapes(cfg, name)}
+        entry: dict = {"inputs": g.inputs, "outputs": g.outputs, "shapes": symbolic_shapes(cfg, name), "attention": None}
         variants = [("fp32", g.module)]
         if fp16 and name in FP16_GRAPHS:
             variants.append(("fp16", _Half(g.module)))

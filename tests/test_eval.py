@@ -151,9 +151,9 @@ def test_psnr_and_ms_ssim_agree_with_skimage_pytorch_msssim_and_compressai_eval(
 def test_ms_ssim_is_skipped_on_images_too_small_for_its_five_scales(photos):
     scores = metrics.ImageMetrics()
     small = photos["coffee"][:160, :300]
-    r = scores(small, jpeg(small, 50))
+    r = scores(small, jpeg(small, 50), "coffee_crop.png")
     assert "ms-ssim-rgb" not in r and "psnr-rgb" in r
-    assert "161 pixels" in scores.skipped["ms-ssim-rgb"]
+    assert "161 pixels" in scores.skipped["ms-ssim-rgb"] and "coffee_crop.png is 300x160" in scores.skipped["ms-ssim-rgb"]
 
 
 # --- perception: agreement with the libraries, with seeded random backbones ----------------------
@@ -443,6 +443,18 @@ def test_compare_prints_bd_rates_and_draws_every_metric(sweeps, tmp_path):
     assert printed.output == result.output.split("\nwrote ")[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp", "pub.json", "pub2.json", "single.json"]
     assert "give -o DIR" in cli("eval", *sweeps.glob("*.json"), "--codec", "jpeg", ok=False).output
+
+
+def test_compare_leaves_out_its_own_earlier_output(sweeps, tmp_path):
+    """`results/*.json` after `--compare -o results` catches compare.json: left out, with a note."""
+    import shutil
+
+    for codec in ("jpeg", "webp"):
+        shutil.copy(sweeps / f"{codec}.json", tmp_path)
+    first = cli("eval", "--compare", *sorted(tmp_path.glob("*.json")), "-o", tmp_path)
+    again = cli("eval", "--compare", *sorted(tmp_path.glob("*.json")))
+    assert "leaving out" in again.output and "compare.json" in again.output
+    assert again.output.split("\n", 1)[1] == first.output.split("\nwrote ")[0]
 
 
 def test_compare_refuses_a_file_that_is_not_a_results_file(tmp_path):

@@ -47,7 +47,7 @@ def test_manifest_describes_every_graph(tiny_export, tiny_model):
         # attention as ONNX Runtime's fused MultiHeadAttention (its CPU flash path), and no loops
         ops = {n.op_type for n in proto.graph.node}
         has_attention = name in ("vae_encoder", "denoiser", "vae_decoder")
-        assert entry.get("attention") == ("mha" if has_attention else None), name
+        assert entry["attention"] == ("mha" if has_attention else None), name
         assert ("MultiHeadAttention" in ops) == has_attention and not {"Scan", "Loop"} & ops, name
     assert manifest["graphs"]["denoiser"]["shapes"]["x_T"] == ["batch", 4, "height/8", "width/8"]
     assert manifest["graphs"]["entropy_anchor_1"]["shapes"]["scales"] == ["batch", 6, "height/16", "width/32"]

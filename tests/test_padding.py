@@ -2,10 +2,12 @@
 reference raw format keeps the original's zeros, and streams made before the change (zero
 padding) decode as before, since the decoder only crops.
 
-tests/data/zero_padded_70x90.osd was written by the code before edge padding (commit 331ee75):
+tests/data/zero_padded_70x90.osd is what the code before edge padding (commit 331ee75) wrote:
 the built-in demo model, PyTorch backend, from tests/data/zero_padded_70x90_input.png (a 70x90
-crop of scikit-image's chelsea); zero_padded_70x90.png is what that code decoded it to, under
-torch 2.13's AVX512 CPU kernels (an Intel Xeon).
+crop of scikit-image's chelsea); zero_padded_70x90.png is its decode, under torch 2.13's AVX512
+CPU kernels (an Intel Xeon). Both were remade for the built-in weights of issue 29 with
+`Codec.compress(crop, padding="constant")`, which writes byte for byte what that code wrote (the
+test below checks it; the first pair, from the weights before, showed the same for them).
 """
 
 from __future__ import annotations

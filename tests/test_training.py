@@ -4,6 +4,7 @@ normal loader, export and codec."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import subprocess
 import sys
@@ -334,3 +335,62 @@ def test_bundled_photos_load_and_unknown_names_name_the_packages():
         assert (image[..., 0] != image[..., 1]).any(), f"{name} is grey"  # colour photographs only
     with pytest.raises(FileNotFoundError, match="nope.png.*scikit-image or matplotlib"):
         bundled_photo("nope.png")
+
+
+def test_random_crops_follow_their_weights():
+    from osdiff.training.data import RandomCrops
+
+    black, white = np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)
+    x = next(RandomCrops([black, white], crop=32, batch=400, seed=5, weights=[0.8, 0.2]))
+    from_white = float((x.mean(dim=(1, 2, 3)) == 1.0).float().mean())
+    assert 0.13 <= from_white <= 0.27, from_white
+
+
+def test_colour_jitter_rotates_hues_keeps_greys_and_is_seeded():
+    """Greys stay grey (only their brightness changes); a green patch comes back in other hues
+    across seeds; the same generator state gives the same pixels."""
+    from osdiff.training.data import colour_jitter
+
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    out = colour_jitter(grey, np.random.default_rng(0))
+    assert np.abs(out.astype(int) - out[..., :1].astype(int)).max() <= 1 and 70 <= out.mean() <= 140
+    green = np.zeros((8, 8, 3), np.uint8)
+    green[..., 1] = 160
+    dominant = {int(np.argmax(colour_jitter(green, np.random.default_rng(s))[0, 0])) for s in range(40)}
+    assert dominant == {0, 1, 2}, dominant  # red, green and blue each come out on top for some seed
+    assert np.array_equal(colour_jitter(green, np.random.default_rng(7)), colour_jitter(green, np.random.default_rng(7)))
+
+
+def test_wallpapers_are_checked_and_a_missing_folder_says_how_to_fetch(tmp_path, monkeypatch):
+    from osdiff.training import wallpapers
+
+    monkeypatch.setenv("OSDIFF_PHOTOS", str(tmp_path))
+    assert not wallpapers.available()
+    with pytest.raises(FileNotFoundError, match="make photos"):
+        wallpapers.load("Path")
+    (tmp_path / "Path.jpg").write_bytes(b"not the picture")
+    with pytest.raises(ValueError, match="SHA-256"):
+        wallpapers.load("Path")
+    monkeypatch.setattr(wallpapers.shutil, "which", lambda tool: None)
+    with pytest.raises(RuntimeError, match="apt-get not found"):
+        wallpapers.fetch(tmp_path / "new", log=lambda s: None)
+
+
+def test_built_in_training_never_sees_a_held_out_photo(monkeypatch):
+    """By name and by pixels: no training picture is one of the held-out set (the wallpapers
+    included when fetched; without them the recipe says so and trains on the wheels' photos)."""
+    pytest.importorskip("skimage", reason="the built-in model's photographs come from scikit-image's wheel")
+    from osdiff.training import wallpapers
+    from osdiff.training.data import HELD_OUT_SET, builtin_training_images
+
+    said: list[str] = []
+    names, images, photo = builtin_training_images(said.append)
+    assert not set(names) & set(HELD_OUT_SET) and len(HELD_OUT_SET) >= 12
+    if not wallpapers.available():
+        assert "make photos" in said[0]
+        pytest.skip(f"held-out pixels not compared: {wallpapers.missing_message()}")
+    assert len(names) == 43 and sum(photo) == 10 and "wallpaper packages" in said[0]
+    digests = {hashlib.sha256(im.tobytes()).hexdigest() for im in images}
+    from osdiff.training.data import held_out_photo
+
+    assert not digests & {hashlib.sha256(held_out_photo(n).tobytes()).hexdigest() for n in HELD_OUT_SET}

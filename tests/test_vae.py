@@ -157,3 +157,18 @@ def test_decoder_exports_to_onnx_with_dynamic_size(decoder, golden, tmp_path):
     assert got.shape == (1, 3, 72, 40)
     with torch.no_grad():
         assert_close_rel(got, decoder(other), 1e-5, "onnx decoded 72x40")
+
+
+def test_norm_groups_follow_the_config():
+    """SD's VAE (full size, and the reference's tiny checkpoint) keeps ldm's 32 groups; the demo
+    VAE has 8, so that each group holds several channels and keeps their means (issue 29); a
+    config written before the field existed reads as 32."""
+    from osdiff.export.models.vae import GroupNorm
+
+    for cfg, groups in ((ModelConfig.full(), 32), (ModelConfig.demo(), 8)):
+        norms = [m for m in VAEDecoder(cfg.vae).modules() if isinstance(m, GroupNorm)]
+        assert norms and {m.num_groups for m in norms} == {groups}
+    old = ModelConfig.demo().to_dict()
+    del old["vae"]["norm_groups"]
+    assert ModelConfig.from_dict(old).vae.norm_groups == 32
+    assert ModelConfig.from_dict(ModelConfig.demo().to_dict()) == ModelConfig.demo()

@@ -39,7 +39,7 @@ import torch
 from osdiff.config import ModelConfig
 from osdiff.files import write_atomic
 from osdiff.training.autoencoder import normalize_latent, vae_losses
-from osdiff.training.data import TRAIN_PHOTOS, RandomCrops, bundled_photo
+from osdiff.training.data import RandomCrops, builtin_training_images
 from osdiff.training.loop import Trainer, TrainSettings, safe_cpu_convolutions
 from osdiff.training.objective import OSDiffTraining
 
@@ -47,6 +47,11 @@ from osdiff.training.objective import OSDiffTraining
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
+    # the data (training/data.py builtin_training_images): photographs are this share of the
+    # crops, the wallpaper packages' digital paintings the rest (they carry every hue but little
+    # texture, and outnumber the photographs 33 to 10); half the crops colour-jittered
+    photo_share: float = 0.6
+    colour_jitter: bool = True
     # stage A: the autoencoder
     vae_steps: int = 5000
     vae_batch: int = 16
@@ -86,18 +91,19 @@ def train_builtin(out: str | Path, recipe: Recipe = Recipe(), log: Callable[[str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.demo()
-    images = [bundled_photo(n) for n in TRAIN_PHOTOS]
+    names, images, photo = builtin_training_images(log)
+    data = TrainingData(names, images, _weights(photo, recipe.photo_share), recipe.colour_jitter)
     t0 = time.perf_counter()
 
     vae: dict | None = None  # stage A's state, then A2's
-    for name, fields, what in (("vae.pt", _stage_a(recipe), f"stage A: autoencoder, {recipe.vae_steps} steps of "
+    for name, fields, what in (("vae.pt", _stage_a(recipe, names), f"stage A: autoencoder, {recipe.vae_steps} steps of "
                                 f"{recipe.vae_batch} crops of {recipe.vae_crop}px"),
-                               ("vae_tuned.pt", _stage_a(recipe, tuned=True), f"stage A2: the autoencoder on large "
+                               ("vae_tuned.pt", _stage_a(recipe, names, tuned=True), f"stage A2: the autoencoder on large "
                                 f"crops, {recipe.tune_steps} steps of {recipe.tune_batch} crops of {recipe.tune_crop}px")):
         path = out / name
         if not path.exists():
             log(what)
-            state = train_autoencoder(cfg, images, recipe, log, init=vae)
+            state = train_autoencoder(cfg, data, recipe, log, init=vae)
             state["recipe"] = fields
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -121,7 +127,7 @@ def train_builtin(out: str | Path, recipe: Recipe = Recipe(), log: Callable[[str
     for what, steps, crop, batch, seed in (("B: OSDiff objective", recipe.steps, recipe.crop, recipe.batch, 1),
                                            ("B2: on large crops", recipe.large_steps, recipe.large_crop,
                                             recipe.large_batch, 4)):
-        batches = RandomCrops(images, crop, batch, recipe.seed + seed)
+        batches = data.crops(crop, batch, recipe.seed + seed)
         for _ in range(min(max(trainer.global_step - end, 0), steps)):
             next(batches)
         end += steps
@@ -138,14 +144,35 @@ def train_builtin(out: str | Path, recipe: Recipe = Recipe(), log: Callable[[str
 
     weights = out / "demo_model.safetensors"
     write_weights(trainer.model, weights)
-    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe) | {"training_images": names}, indent=1))
     return weights
 
 
-def _stage_a(recipe: Recipe, tuned: bool = False) -> dict:
-    """The recipe fields stage A (tuned: A and A2) depends on."""
+@dataclass(frozen=True)
+class TrainingData:
+    names: list[str]
+    images: list[np.ndarray]
+    weights: list[float]
+    colour: bool
+
+    def crops(self, crop: int, batch: int, seed: int) -> RandomCrops:
+        return RandomCrops(self.images, crop, batch, seed, self.weights, self.colour)
+
+
+def _weights(photo: list[bool], photo_share: float) -> list[float]:
+    """Per image: photographs share photo_share of the draws, the paintings the rest (all
+    photographs when there are no paintings)."""
+    n = sum(photo)
+    if n == len(photo):
+        return [1.0] * n
+    return [photo_share / n if p else (1 - photo_share) / (len(photo) - n) for p in photo]
+
+
+def _stage_a(recipe: Recipe, names: list[str], tuned: bool = False) -> dict:
+    """The recipe fields (and training pictures) stage A (tuned: A and A2) depends on."""
     return {k: v for k, v in asdict(recipe).items()
-            if k == "seed" or k.startswith(("vae_", "kl_") + (("tune_",) if tuned else ()))}
+            if k in ("seed", "photo_share", "colour_jitter")
+            or k.startswith(("vae_", "kl_") + (("tune_",) if tuned else ()))} | {"training_images": names}
 
 
 def _native_bf16() -> bool:
@@ -153,7 +180,7 @@ def _native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def train_autoencoder(cfg: ModelConfig, images: list[np.ndarray], recipe: Recipe,
+def train_autoencoder(cfg: ModelConfig, data: TrainingData, recipe: Recipe,
                       log: Callable[[str], None], init: dict | None = None) -> dict:
     """Stage A (init None): a seeded autoencoder trained on vae_steps batches of small crops.
     Stage A2 (init: stage A's state): that autoencoder fine-tuned on tune_steps batches of large
@@ -172,7 +199,7 @@ def train_autoencoder(cfg: ModelConfig, images: list[np.ndarray], recipe: Recipe
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05, final_div_factor=20)
-    batches = RandomCrops(images, crop, batch, seed)
+    batches = data.crops(crop, batch, seed)
     generator = torch.Generator().manual_seed(seed)
     bf16 = recipe.vae_bf16 and _native_bf16()
     log(f"  {'bfloat16 autocast' if bf16 else 'float32'}")
@@ -195,7 +222,7 @@ def train_autoencoder(cfg: ModelConfig, images: list[np.ndarray], recipe: Recipe
             rec = float(np.mean([r["rec"] for r in recent]))
             log(f"  vae step {step}/{steps} ({time.perf_counter() - t0:.0f} s): rec {rec:.5f} "
                 f"({-10 * np.log10(rec):.2f} dB), kl {np.mean([r['kl'] for r in recent]):.3f}")
-    sample = next(RandomCrops(images, 128, 16, recipe.seed + 2))
+    sample = next(RandomCrops(data.images, 128, 16, recipe.seed + 2, data.weights))
     k = normalize_latent(enc, dec, sample)
     log(f"  latent scaled by {k:.4g} to unit variance")
     return {"vae_encoder": enc.state_dict(), "vae_decoder": dec.state_dict(), "history": history}
@@ -223,16 +250,24 @@ def write_weights(model: OSDiffTraining, path: Path) -> None:
 
 
 def report_builtin(out: str | Path, results_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Evaluate DIR/demo_model.safetensors (as shipped: float16, through the normal loader) on
-    the held-out photos with real streams, next to JPEG; write results.json and
-    loss_curves.png into DIR (and copies into results_dir)."""
+    """Evaluate DIR/demo_model.safetensors (as shipped: float16, through the normal loader) with
+    real streams on the held-out set (training/data.py HELD_OUT_SET; without the wallpaper photos
+    when they were not fetched, which it says), the bundled demo photo beside it, next to JPEG
+    and WebP at the same bpp; LPIPS and DISTS where their backbone weights are on this machine.
+    Writes results.json, loss_curves.png and held_out.jpg (originals above, decoded below) into
+    DIR, and copies into results_dir as demo_model_training.json, demo_model_loss_curves.png,
+    demo_model_held_out.jpg."""
+    from importlib import resources
+
     from safetensors.torch import load_file
 
     from osdiff.export.model import OSDiffModel
+    from osdiff.files import read_image
     from osdiff.runtime.backends.torch_backend import TorchBackend
     from osdiff.runtime.codec import Codec
-    from osdiff.training.data import HELD_OUT_PHOTOS
-    from osdiff.training.evaluate import evaluate, table
+    from osdiff.training import wallpapers
+    from osdiff.training.data import HELD_OUT_PHOTOS, HELD_OUT_SET, held_out_photo
+    from osdiff.training.evaluate import evaluate, means, table
 
     out = Path(out)
     weights = out / "demo_model.safetensors"
@@ -240,8 +275,17 @@ def report_builtin(out: str | Path, results_dir: str | Path | None = None, log: 
     model = OSDiffModel.load(None, weights, cfg)
     training_model = OSDiffTraining(cfg)
     training_model.load_checkpoint_state_dict(load_file(str(weights)))
-    rows = evaluate(Codec(TorchBackend(model)), training_model, {n: bundled_photo(n) for n in HELD_OUT_PHOTOS})
+    names = [n for n in HELD_OUT_SET if n not in wallpapers.BY_NAME or wallpapers.available()]
+    if len(names) < len(HELD_OUT_SET):
+        log(f"held-out set without its wallpaper photographs: {wallpapers.missing_message()}")
+    images = {n: held_out_photo(n) for n in names}
+    with resources.as_file(resources.files("osdiff") / "assets" / "demo.png") as demo:
+        images["demo.png"] = read_image(demo)
+    perceptual, skipped = _perceptual_metrics()
+    decoded: dict[str, np.ndarray] = {}
+    rows = evaluate(Codec(TorchBackend(model)), training_model, images, perceptual, decoded)
     log(table(rows))
+    held = [r for r in rows if r.name in HELD_OUT_SET]
     ckpt = torch.load(out / "osdiff.ckpt", map_location="cpu", weights_only=True)
     vae_history = [r for name in ("vae.pt", "vae_tuned.pt")
                    for r in torch.load(out / name, map_location="cpu", weights_only=True)["history"]]
@@ -250,22 +294,66 @@ def report_builtin(out: str | Path, results_dir: str | Path | None = None, log: 
         "sha256": __import__("hashlib").sha256(weights.read_bytes()).hexdigest(),
         "bytes": weights.stat().st_size,
         "recipe": json.loads((out / "recipe.json").read_text()),
-        "held_out": [r.to_dict() for r in rows],
-        "mean": {k: float(np.mean([getattr(r, k) for r in rows]))
-                 for k in ("bpp", "estimated_bpp", "psnr", "ms_ssim", "jpeg_bpp", "jpeg_psnr", "jpeg_ms_ssim",
-                           "vae_psnr", "hint_psnr")},
+        "held_out": [r.to_dict() for r in held],
+        "held_out_set_complete": len(names) == len(HELD_OUT_SET),
+        "mean": means(held),
+        "trio_mean": means([r for r in held if r.name in HELD_OUT_PHOTOS]),
+        "demo": [r.to_dict() for r in rows if r.name == "demo.png"][0],
+        "perceptual_skipped": skipped,
     }
     timing = out / "timing.json"
     if timing.exists():
         results["timing"] = json.loads(timing.read_text())
     plot_loss_curves(vae_history, ckpt["osdiff_training"]["history"], out / "loss_curves.png")
+    plot_held_out({n: (images[n], decoded[n]) for n in names}, out / "held_out.jpg")
     write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     if results_dir is not None:
         results_dir = Path(results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(results_dir / "demo_model_training.json", json.dumps(results, indent=1).encode())
-        write_atomic(results_dir / "demo_model_loss_curves.png", (out / "loss_curves.png").read_bytes())
+        for name in ("loss_curves.png", "held_out.jpg"):
+            write_atomic(results_dir / f"demo_model_{name}", (out / name).read_bytes())
     return results
+
+
+def _perceptual_metrics() -> tuple[Callable[[np.ndarray, np.ndarray], dict[str, float]] | None, dict[str, str]]:
+    """LPIPS and DISTS (evaluation/metrics.py) where their backbone weights are on this machine:
+    (a function of original and decoded image, or None; the reason per metric that cannot run)."""
+    try:
+        from osdiff.evaluation.metrics import ImageMetrics
+
+        metrics = ImageMetrics()
+    except ImportError as e:
+        return None, {"lpips-alex": str(e), "lpips-vgg": str(e), "dists": str(e)}
+    keys = [k for k in ("lpips-alex", "lpips-vgg", "dists") if k not in metrics.skipped]
+    if not keys:
+        return None, dict(metrics.skipped)
+    return (lambda a, b: {k: v for k, v in metrics(a, b).items() if k in keys}), dict(metrics.skipped)
+
+
+def plot_held_out(pairs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, height: int = 160) -> None:
+    """A contact sheet: each held-out photo (scaled to `height` pixels) above its decoding."""
+    from PIL import Image, ImageDraw
+
+    cells = []
+    for name, (a, b) in pairs.items():
+        w = round(a.shape[1] * height / a.shape[0])
+        cell = Image.new("RGB", (w, 2 * height + 14), "white")
+        for i, im in enumerate((a, b)):
+            cell.paste(Image.fromarray(im).resize((w, height), Image.LANCZOS), (0, i * height))
+        ImageDraw.Draw(cell).text((2, 2 * height + 1), name, fill="black")
+        cells.append(cell)
+    rows = [cells[i:i + 4] for i in range(0, len(cells), 4)]
+    width = max(sum(c.width for c in r) + 4 * (len(r) - 1) for r in rows)
+    sheet = Image.new("RGB", (width, len(rows) * (2 * height + 18)), "white")
+    for j, r in enumerate(rows):
+        x = 0
+        for c in r:
+            sheet.paste(c, (x, j * (2 * height + 18)))
+            x += c.width + 4
+    buf = io.BytesIO()
+    sheet.save(buf, format="JPEG", quality=85)  # a picture for people; JPEG keeps the repository small
+    write_atomic(path, buf.getvalue())
 
 
 def plot_loss_curves(vae_history: list[dict], history: list[dict], path: Path) -> None:

@@ -1,13 +1,15 @@
 """Rate-distortion of a model on whole images, with real streams: the bits are the length of
 what the engine's codec writes (runtime/codec.py), next to the rate the training objective
 estimates for the same image (the entropy models' likelihoods of the rounded latents), and
-next to JPEG (Pillow) at the same bits per pixel.
+next to JPEG and WebP (Pillow) at the same bits per pixel; with the mean colour shift (issue 29:
+greens decoded brown is a shift of the channel means a PSNR figure does not name).
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -29,13 +31,32 @@ class Row:
     jpeg_bpp: float
     jpeg_psnr: float
     jpeg_ms_ssim: float
+    webp_quality: int = -1
+    webp_bpp: float = float("nan")
+    webp_psnr: float = float("nan")
+    webp_ms_ssim: float = float("nan")
+    # mean of the decoded image minus mean of the original, per channel (R, G, B), 8-bit levels
+    shift_r: float = float("nan")
+    shift_g: float = float("nan")
+    shift_b: float = float("nan")
     # where the quality goes, on the same padded image and real rounded latents: the frozen
     # autoencoder alone, D(E(x)), and the control hint decoded without the denoiser, D(G_s(y_hat))
     vae_psnr: float = float("nan")
     hint_psnr: float = float("nan")
+    perceptual: dict = field(default_factory=dict)  # LPIPS / DISTS, where their weights exist
+
+    @property
+    def colour_shift(self) -> float:
+        """Mean absolute per-channel shift of the channel means, 8-bit levels."""
+        return (abs(self.shift_r) + abs(self.shift_g) + abs(self.shift_b)) / 3
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"colour_shift": self.colour_shift}
+
+
+def channel_shift(original: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """Per-channel mean of decoded minus mean of original (H x W x 3 uint8 each): 3 floats, levels."""
+    return decoded.reshape(-1, 3).astype(np.float64).mean(0) - original.reshape(-1, 3).astype(np.float64).mean(0)
 
 
 def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,19 +68,20 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(_ms_ssim(ta, tb, data_range=1.0))
 
 
-def jpeg_at_bpp(image: np.ndarray, target_bpp: float) -> tuple[int, float, np.ndarray]:
-    """The Pillow JPEG quality (1..95, 4:2:0, optimized Huffman tables) whose size is closest
-    to target_bpp without exceeding it (quality 1 if even that exceeds it). -> (quality, bpp,
-    decoded image)."""
+def jpeg_at_bpp(image: np.ndarray, target_bpp: float, fmt: str = "JPEG") -> tuple[int, float, np.ndarray]:
+    """The Pillow quality whose size is closest to target_bpp without exceeding it (the lowest
+    quality if even that exceeds it). JPEG: quality 1..95, 4:2:0, optimized Huffman tables;
+    WEBP: lossy, quality 0..100, method 6. -> (quality, bpp, decoded image)."""
     pixels = image.shape[0] * image.shape[1]
+    options = {"JPEG": {"optimize": True}, "WEBP": {"method": 6}}[fmt]
 
     def encode(q: int) -> tuple[float, bytes]:
         buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=q, optimize=True)
+        Image.fromarray(image).save(buf, format=fmt, quality=q, **options)
         return len(buf.getvalue()) * 8 / pixels, buf.getvalue()
 
-    lo, hi = 1, 95
-    best = (1, *encode(1))
+    lo, hi = (1, 95) if fmt == "JPEG" else (0, 100)
+    best = (lo, *encode(lo))
     while lo <= hi:  # size grows with quality (monotone in practice)
         mid = (lo + hi) // 2
         b, data = encode(mid)
@@ -109,9 +131,12 @@ def ceilings(training_model, image: np.ndarray, pad_multiple: int) -> tuple[floa
     return psnr(image, pixels[0]), psnr(image, pixels[1])
 
 
-def evaluate(codec, training_model, images: dict[str, np.ndarray]) -> list[Row]:
+def evaluate(codec, training_model, images: dict[str, np.ndarray],
+             perceptual: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None,
+             decoded_out: dict[str, np.ndarray] | None = None) -> list[Row]:
     """codec: runtime.codec.Codec of the model; training_model: the same weights in an
-    OSDiffTraining (for the estimated rate), or None."""
+    OSDiffTraining (for the estimated rate), or None; perceptual: more metrics of (original,
+    decoded); decoded_out: filled with the decoded images when given."""
     rows = []
     for name, image in images.items():
         data = codec.compress(image)
@@ -120,23 +145,37 @@ def evaluate(codec, training_model, images: dict[str, np.ndarray]) -> list[Row]:
         bpp = len(data) * 8 / (h * w)
         est = estimated_bpp(training_model, image, codec.cfg.pad_multiple) if training_model is not None else float("nan")
         q, jb, jpeg = jpeg_at_bpp(image, bpp)
+        wq, wb, webp = jpeg_at_bpp(image, bpp, "WEBP")
         vae, hint = ceilings(training_model, image, codec.cfg.pad_multiple) if training_model is not None else (
             float("nan"), float("nan"))
+        shift = channel_shift(image, decoded)
         rows.append(Row(name, h, w, bpp, est, psnr(image, decoded), ms_ssim(image, decoded), q, jb,
-                        psnr(image, jpeg), ms_ssim(image, jpeg), vae, hint))
+                        psnr(image, jpeg), ms_ssim(image, jpeg), wq, wb, psnr(image, webp), ms_ssim(image, webp),
+                        *map(float, shift), vae_psnr=vae, hint_psnr=hint,
+                        perceptual=perceptual(image, decoded) if perceptual else {}))
+        if decoded_out is not None:
+            decoded_out[name] = decoded
     return rows
 
 
+MEAN_FIELDS = ("bpp", "estimated_bpp", "psnr", "ms_ssim", "colour_shift", "jpeg_bpp", "jpeg_psnr", "jpeg_ms_ssim",
+               "webp_bpp", "webp_psnr", "webp_ms_ssim", "vae_psnr", "hint_psnr")
+
+
+def means(rows: list[Row]) -> dict[str, float]:
+    return {k: float(np.mean([getattr(r, k) for r in rows])) for k in MEAN_FIELDS}
+
+
 def table(rows: list[Row]) -> str:
-    head = (f"{'image':<14}{'size':>10}{'bpp':>8}{'est.bpp':>9}{'PSNR':>8}{'MS-SSIM':>9}"
-            f"{'JPEG q':>8}{'JPEG bpp':>10}{'JPEG PSNR':>11}{'JPEG MS-SSIM':>14}{'VAE PSNR':>10}{'hint PSNR':>11}")
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r.name:<14}{f'{r.width}x{r.height}':>10}{r.bpp:>8.3f}{r.estimated_bpp:>9.3f}{r.psnr:>8.2f}"
-                     f"{r.ms_ssim:>9.4f}{r.jpeg_quality:>8}{r.jpeg_bpp:>10.3f}{r.jpeg_psnr:>11.2f}{r.jpeg_ms_ssim:>14.4f}"
-                     f"{r.vae_psnr:>10.2f}{r.hint_psnr:>11.2f}")
-    mean = lambda f: float(np.mean([getattr(r, f) for r in rows]))  # noqa: E731
-    lines.append(f"{'mean':<14}{'':>10}{mean('bpp'):>8.3f}{mean('estimated_bpp'):>9.3f}{mean('psnr'):>8.2f}"
-                 f"{mean('ms_ssim'):>9.4f}{'':>8}{mean('jpeg_bpp'):>10.3f}{mean('jpeg_psnr'):>11.2f}"
-                 f"{mean('jpeg_ms_ssim'):>14.4f}{mean('vae_psnr'):>10.2f}{mean('hint_psnr'):>11.2f}")
-    return "\n".join(lines)
+    """One line per image and their mean: bpp, PSNR (dB), MS-SSIM and mean colour shift (levels)
+    of the model, JPEG and WebP at the same bpp, and the ceilings."""
+    head = (f"{'image':<18}{'size':>9}{'bpp':>7}{'PSNR':>7}{'MS-SSIM':>8}{'shift':>7}{'JPEG bpp':>9}{'PSNR':>7}"
+            f"{'MS-SSIM':>8}{'WebP bpp':>9}{'PSNR':>7}{'MS-SSIM':>8}{'VAE':>7}{'hint':>7}")
+
+    def line(name: str, size: str, v: dict) -> str:
+        return (f"{name:<18}{size:>9}{v['bpp']:>7.3f}{v['psnr']:>7.2f}{v['ms_ssim']:>8.4f}{v['colour_shift']:>7.2f}"
+                f"{v['jpeg_bpp']:>9.3f}{v['jpeg_psnr']:>7.2f}{v['jpeg_ms_ssim']:>8.4f}{v['webp_bpp']:>9.3f}"
+                f"{v['webp_psnr']:>7.2f}{v['webp_ms_ssim']:>8.4f}{v['vae_psnr']:>7.2f}{v['hint_psnr']:>7.2f}")
+
+    lines = [head] + [line(r.name, f"{r.width}x{r.height}", r.to_dict()) for r in rows]
+    return "\n".join(lines + [line("mean", "", means(rows))])

@@ -31,10 +31,10 @@ def _float32(v: float) -> float:
 
 
 class GroupNorm(nn.GroupNorm):
-    """ldm's `Normalize`: 32 groups, eps 1e-6, statistics in float32."""
+    """ldm's `Normalize`: 32 groups (VAEConfig.norm_groups), eps 1e-6, statistics in float32."""
 
-    def __init__(self, channels: int):
-        super().__init__(32, channels, eps=1e-6)
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__(groups, channels, eps=1e-6)
 
     def forward(self, x: Tensor) -> Tensor:
         # fp16 variance over a whole group of a 512x768 image loses too much precision
@@ -50,11 +50,11 @@ class ResnetBlock(nn.Module):
     """norm, swish, conv, norm, swish, conv, plus a 1x1 shortcut where the width changes.
     The autoencoder has no timestep input, so there is no `temb_proj`."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int = 32):
         super().__init__()
-        self.norm1 = GroupNorm(in_ch)
+        self.norm1 = GroupNorm(in_ch, groups)
         self.conv1 = conv3x3(in_ch, out_ch)
-        self.norm2 = GroupNorm(out_ch)
+        self.norm2 = GroupNorm(out_ch, groups)
         self.conv2 = conv3x3(out_ch, out_ch)
         # Identity holds no parameters, so the keys stay ldm's
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -69,9 +69,9 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all positions, the head being all C channels; q, k, v
     and the output projection are 1x1 convs. Exact, with memory linear in the positions."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = GroupNorm(channels)
+        self.norm = GroupNorm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -109,9 +109,9 @@ class Upsample(nn.Module):
 
 
 class DownLevel(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, downsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, downsample: bool, groups: int = 32):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks))
+        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(num_blocks))
         self.downsample = Downsample(out_ch) if downsample else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,9 +121,9 @@ class DownLevel(nn.Module):
 
 
 class UpLevel(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, upsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, upsample: bool, groups: int = 32):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks))
+        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(num_blocks))
         self.upsample = Upsample(out_ch) if upsample else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,11 +133,11 @@ class UpLevel(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -152,11 +152,11 @@ class Encoder(nn.Module):
         last = len(widths) - 1
         self.conv_in = conv3x3(cfg.in_channels, cfg.ch)
         self.down = nn.ModuleList(
-            DownLevel(cfg.ch if i == 0 else widths[i - 1], widths[i], cfg.num_res_blocks, downsample=i != last)
+            DownLevel(cfg.ch if i == 0 else widths[i - 1], widths[i], cfg.num_res_blocks, i != last, cfg.norm_groups)
             for i in range(len(widths))
         )
-        self.mid = MidBlock(widths[-1])
-        self.norm_out = GroupNorm(widths[-1])
+        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        self.norm_out = GroupNorm(widths[-1], cfg.norm_groups)
         self.conv_out = conv3x3(widths[-1], 2 * cfg.z_channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -176,12 +176,12 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
         self.conv_in = conv3x3(cfg.z_channels, widths[-1])
-        self.mid = MidBlock(widths[-1])
+        self.mid = MidBlock(widths[-1], cfg.norm_groups)
         self.up = nn.ModuleList(
-            UpLevel(widths[min(i + 1, last)], widths[i], cfg.num_res_blocks + 1, upsample=i != 0)
+            UpLevel(widths[min(i + 1, last)], widths[i], cfg.num_res_blocks + 1, i != 0, cfg.norm_groups)
             for i in range(len(widths))
         )
-        self.norm_out = GroupNorm(widths[0])
+        self.norm_out = GroupNorm(widths[0], cfg.norm_groups)
         self.conv_out = conv3x3(widths[0], cfg.out_ch)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -53,6 +53,11 @@ def eval_(inputs: tuple[str, ...], output: str | None, codec: str, qualities: st
     if name is not None and (Path(name).name != name or name in (".", "..")):
         raise click.UsageError(f"--name must be a plain file name, got {name!r}")
     if compare_mode:
+        # a folder's earlier `--compare -o` output is caught by `results/*.json`: left out, said
+        ours = [p for p in inputs if Path(p).name == "compare.json" and compare.is_comparison(p)]
+        for p in ours:
+            click.echo(f"leaving out {p}: a comparison `osdiff eval --compare -o` wrote, not a results file")
+        inputs = tuple(p for p in inputs if p not in ours)
         curves = [compare.read_curve(p) for p in inputs] + [compare.read_curve(p, published=True) for p in published]
         result = compare.compare(curves, anchor)
         click.echo(compare.report(result))
