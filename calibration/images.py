@@ -3,7 +3,8 @@
 Default: the built-in model's training photographs from scikit-image's and matplotlib's wheels
 (training/data.py TRAIN_PHOTOS). Never an evaluation image: the held-out set (training/data.py
 HELD_OUT_SET: four scikit-image photographs and eight wallpaper photographs) and the bundled demo
-photo (a crop of chelsea) are refused, by file name and by pixel content, because a quality
+photo (a crop of chelsea) are refused, all named in one message: by pixel content, by file (a
+held-out wallpaper's original under any name) and by the wheels' file names, because a quality
 figure measured on the images that set the ranges would flatter the quantization.
 
 Each image gives `crops` square crops of `size` pixels (a multiple of the model's pad multiple):
@@ -13,6 +14,7 @@ content), then centre crops at native resolution (its fine texture), so that the
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -54,17 +56,24 @@ def evaluation_images() -> dict[str, np.ndarray]:
     return out
 
 
-def _refuse_evaluation_image(label: str, pixels: np.ndarray, evaluation: dict[str, np.ndarray]) -> None:
-    from osdiff.training.data import HELD_OUT_SET
+def _evaluation_image(label: str, pixels: np.ndarray, evaluation: dict[str, np.ndarray],
+                      file_sha256: str | None) -> str | None:
+    """Which evaluation image this is (its name), or None. By pixels (the held-out photos as the
+    evaluation uses them, the demo photo), by file (a wallpaper's original file under any name:
+    its pinned SHA-256), and by the distinctive file names of the wheels' held-out photos and the
+    demo photo (not the wallpapers' names: a user's path.jpg or kite.png is not refused for them)."""
+    from osdiff.training.data import HELD_OUT_PHOTOS, HELD_OUT_SET
+    from osdiff.training.wallpapers import WALLPAPERS
 
-    stems = {Path(n).stem.lower() for n in HELD_OUT_SET} | {"demo"}
     same = [n for n, ev in evaluation.items() if ev.shape == pixels.shape and np.array_equal(ev, pixels)]
-    if same or Path(label).stem.lower() in stems:
-        what = same[0] if same else Path(label).name
-        raise CalibrationError(
-            f"{label}: is an evaluation image ({what}); quality is measured on the held-out set (training/data.py "
-            "HELD_OUT_SET) and the demo photo, so they never set the quantization ranges: calibrate on other photos (default: the built-in "
-            "model's training photos)")
+    if same:
+        return same[0]
+    originals = {w.sha256: w.name for w in WALLPAPERS if w.held_out}
+    if file_sha256 in originals:
+        return f"{originals[file_sha256]}, a held-out wallpaper photograph"
+    stems = {Path(n).stem.lower() for n in HELD_OUT_SET if n.endswith((".png", ".jpg"))} | {"demo"}
+    assert {Path(n).stem for n in HELD_OUT_PHOTOS} <= stems
+    return Path(label).name if Path(label).stem.lower() in stems else None
 
 
 def load_calibration_images(paths: list[str | Path] | None, size: int, crops: int = 1) -> list[CalibrationImage]:
@@ -78,6 +87,7 @@ def load_calibration_images(paths: list[str | Path] | None, size: int, crops: in
         raise CalibrationError(f"crop size and crops per image must be positive (got {size}, {crops})")
     evaluation = evaluation_images()
     images: list[tuple[str, np.ndarray]] = []
+    digests: dict[str, str] = {}  # file -> SHA-256 of its bytes
     if not paths:
         from osdiff.training.data import TRAIN_PHOTOS, bundled_photo
 
@@ -99,13 +109,23 @@ def load_calibration_images(paths: list[str | Path] | None, size: int, crops: in
                 images.append((str(f), read_image(f)))
             except ImageError as e:
                 raise CalibrationError(f"calibration image {e}; remove it or give readable images") from e
+            digests[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     if len(images) < MIN_IMAGES:
         raise CalibrationError(f"calibration needs at least {MIN_IMAGES} images, got {len(images)}"
                                f"{' in ' + ', '.join(map(str, paths)) if paths else ''}: the activation ranges "
                                "would be set by too little content")
+    found = [(label, what) for label, pixels in images
+             if (what := _evaluation_image(label, pixels, evaluation, digests.get(label))) is not None]
+    if found:
+        from osdiff.training.data import HELD_OUT_SET
+
+        raise CalibrationError(
+            "evaluation images among the calibration images: " + "; ".join(f"{label} ({what})" for label, what in found)
+            + f". Quality is measured on the held-out set ({', '.join(HELD_OUT_SET)}) and the demo photo, so they "
+            "never set the quantization ranges: calibrate on other photos (default: the built-in model's training "
+            "photos)")
     out = []
     for label, pixels in images:
-        _refuse_evaluation_image(label, pixels, evaluation)
         if min(pixels.shape[:2]) < size:
             raise CalibrationError(f"{label}: {pixels.shape[0]}x{pixels.shape[1]} is smaller than the "
                                    f"{size}x{size} calibration crop (choose a smaller --crop)")

@@ -92,18 +92,36 @@ def test_demo_photo_is_refused_by_content_under_any_name(tmp_path):
 
 
 @needs_skimage
-@pytest.mark.parametrize("name", ["chelsea.png", "coffee.png", "rocket.jpg"])
+@pytest.mark.parametrize("name", ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png"])
 def test_held_out_photos_are_refused(tmp_path, name):
     from osdiff.training.data import bundled_photo
 
     for i in range(MIN_IMAGES):
         _save(tmp_path / f"im{i}.png", _noise(i))
     _save(tmp_path / "renamed.png", bundled_photo(name))  # by content
-    with pytest.raises(CalibrationError, match=f"evaluation image \\({name}\\)"):
+    with pytest.raises(CalibrationError, match=f"renamed.png \\({name}\\)"):
         load_calibration_images([tmp_path], 128)
     (tmp_path / "renamed.png").unlink()
     _save(tmp_path / f"{Path(name).stem}.png", _noise(9))  # by name
     with pytest.raises(CalibrationError, match="evaluation image"):
+        load_calibration_images([tmp_path], 128)
+
+
+def test_held_out_wallpapers_are_refused_by_file_and_every_one_is_named(tmp_path):
+    """A held-out wallpaper's original file (not the 768-pixel copy the evaluation uses) under
+    another name is refused, and so is every other evaluation image of the folder, in one
+    message; a user's own photo that merely shares a wallpaper's name (path.png) is not."""
+    from osdiff.training import wallpapers
+
+    for i in range(MIN_IMAGES):
+        _save(tmp_path / f"im{i}.png", _noise(i))
+    _save(tmp_path / "path.png", _noise(7))
+    assert len(load_calibration_images([tmp_path], 128)) == MIN_IMAGES + 1
+    if not wallpapers.available():
+        pytest.skip(f"no wallpaper file to rename: {wallpapers.missing_message()}")
+    (tmp_path / "forest.jpg").write_bytes((wallpapers.photo_dir() / "Path.jpg").read_bytes())
+    (tmp_path / "sky.jpg").write_bytes((wallpapers.photo_dir() / "Kite.jpg").read_bytes())
+    with pytest.raises(CalibrationError, match="forest.jpg \\(Path, a held-out.*sky.jpg \\(Kite, a held-out"):
         load_calibration_images([tmp_path], 128)
 
 

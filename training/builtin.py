@@ -7,7 +7,7 @@ first (training/autoencoder.py), which stays frozen afterwards, as SD's VAE does
 paper; (2) in stage B the demo-sized UNet is trained together with the LFGCM and the control
 module (the paper keeps a pretrained SD UNet frozen), at a learning rate ten times the paper's
 1e-4 (after a warm-up) until `decay_at`, then the paper's, because everything starts from
-scratch and the budget is 90 CPU minutes; (3) the one denoising step is at t = 200, not 999
+scratch and the budget is about an hour on 2 CPU cores; (3) the one denoising step is at t = 200, not 999
 (ModelConfig.demo(): at t = 999 eq. 8 multiplies the UNet's error in cancelling y_T by 14.6,
 which a UNet trained for an hour on a CPU cannot bring down); (4) y_T is pure noise in
 training, as at inference (at t = 200 the paper's q(y0, t, n) would hand the UNet 87 % of y0,
@@ -21,7 +21,8 @@ continues where it stopped (stage B resumes from its last checkpoint):
     vae_tuned.pt      stage A2: the same, fine-tuned on large crops
     osdiff.ckpt       stages B and B2: the training checkpoint (Lightning layout; `osdiff export` reads it)
     demo_model.safetensors   the shipped weights: inference keys only, float16
-    results.json, loss_curves.png   held-out evaluation and the loss curves
+    results.json, loss_curves.png, held_out.jpg   held-out evaluation, the loss curves, the
+                      held-out photos above their decodings
 """
 
 from __future__ import annotations

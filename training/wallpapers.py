@@ -9,10 +9,12 @@ each wallpaper's metadata.json):
 | plasma-workspace-wallpapers | 4:5.27.5-2 | GPL-2+ (package); the photographs LGPL-3 or CC-BY-SA-4.0 (Volna), authors in WALLPAPERS |
 | ukui-wallpapers | 20.04.3-1.1 | CC-BY-SA-3.0 (Ubuntu Kylin community contributors) |
 
-Nothing from them is committed: `fetch()` (`make photos`, or `python -m osdiff.training.wallpapers
+Nothing from them is committed but a downscaled contact sheet of the held-out photographs
+(benchmarks/results/demo_model_held_out.jpg, with their licences named): `fetch()` (`make photos`, or `python -m osdiff.training.wallpapers
 DIR`) downloads both packages with apt-get (no root needed), unpacks them with dpkg-deb and keeps
 the files listed in WALLPAPERS, each checked against its SHA-256 (a different package version
-would change the training data or the evaluation set silently). They live in
+would change the training data or the evaluation set silently); fetching again into a folder
+with a damaged or missing picture replaces it. They live in
 `$OSDIFF_PHOTOS`, default `~/.cache/osdiff/wallpapers`.
 
 Of the packages' 45 pictures, 12 are photographs; the others are digital paintings (gradients,
@@ -36,6 +38,9 @@ import numpy as np
 from PIL import Image
 
 PACKAGES = ("plasma-workspace-wallpapers", "ukui-wallpapers")
+# Debian 12's versions, which the pictures' SHA-256 are pinned to (other distributions and
+# releases ship other versions: apt-get then says it has no such version)
+VERSIONS = {"plasma-workspace-wallpapers": "4:5.27.5-2", "ukui-wallpapers": "20.04.3-1.1"}
 # every picture is used at this size (longer side, pixels): the packages' 2560-5120 px originals
 # are smoother per pixel than any photo a user compresses; 768 is the size the held-out
 # measurements of issue 29 were made at
@@ -148,8 +153,13 @@ def available(folder: Path | None = None) -> bool:
 
 def missing_message(folder: Path | None = None) -> str:
     folder = photo_dir() if folder is None else folder
-    return (f"the wallpaper photographs are not in {folder}: fetch them with `make photos` (apt-get download of "
-            f"{' and '.join(PACKAGES)}, about 115 MB)")
+    return (f"the wallpaper photographs are not in {folder}: fetch them with `make photos` or `python -m "
+            f"osdiff.training.wallpapers` (apt-get download of Debian 12's {' and '.join(PACKAGES)}, about 115 MB)")
+
+
+def _intact(w: Wallpaper, folder: Path) -> bool:
+    path = _file(w, folder)
+    return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == w.sha256
 
 
 def load(name: str, folder: Path | None = None) -> np.ndarray:
@@ -175,19 +185,21 @@ def fetch(folder: Path | None = None, log=print) -> Path:
     the packages' copyright files in `folder`. Raises RuntimeError when apt-get or dpkg-deb fail
     or a picture is missing or differs."""
     folder = photo_dir() if folder is None else folder
-    if available(folder):
-        log(f"{folder}: already there")
+    if all(_intact(w, folder) for w in WALLPAPERS):
+        log(f"{folder}: already there (every SHA-256 checked)")
         return folder
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} not found: the wallpaper packages are fetched with Debian's package tools")
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        log(f"apt-get download {' '.join(PACKAGES)}")
-        run = subprocess.run(["apt-get", "download", *PACKAGES], cwd=tmp, capture_output=True, text=True)
+        packages = [f"{p}={VERSIONS[p]}" for p in PACKAGES]
+        log(f"apt-get download {' '.join(packages)}")
+        run = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True)
         debs = sorted(Path(tmp).glob("*.deb"))
         if run.returncode != 0 or len(debs) != len(PACKAGES):
-            raise RuntimeError(f"apt-get download failed: {run.stderr.strip()[-500:]}")
+            raise RuntimeError(f"apt-get download failed (the pictures are pinned to Debian 12's packages): "
+                               f"{run.stderr.strip()[-500:]}")
         root = Path(tmp) / "root"
         for deb in debs:
             subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)

@@ -14,7 +14,8 @@ from osdiff.config import ModelConfig
               help="The training checkpoint to write (with --builtin: a folder for every stage's output).")
 @click.option("--builtin", is_flag=True, help="Reproduce the built-in demo model from its fixed recipe and seed "
                                               "(training/builtin.py; photographs scikit-image and matplotlib ship, "
-                                              "and Debian's wallpapers: `make photos`).")
+                                              "and Debian's wallpapers: `make photos`). Uses only -o, --threads "
+                                              "and --results (whose files it overwrites).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), help="Folder of training images.")
 @click.option("--resume", type=existing_file, help="Continue from a checkpoint that `osdiff train` wrote.")
 @click.option("--sd", type=existing_file, help="SD 2.1 checkpoint to start from (the OSDiff parts start untrained).")
