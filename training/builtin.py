@@ -299,7 +299,7 @@ def report_builtin(out: str | Path, results_dir: str | Path | None = None, log: 
         "held_out_set_complete": len(names) == len(HELD_OUT_SET),
         "mean": means(held),
         "trio_mean": means([r for r in held if r.name in HELD_OUT_PHOTOS]),
-        "demo": [r.to_dict() for r in rows if r.name == "demo.png"][0],
+        "demo": next(r.to_dict() for r in rows if r.name == "demo.png"),
         "perceptual_skipped": skipped,
     }
     timing = out / "timing.json"
