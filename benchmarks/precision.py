@@ -14,11 +14,15 @@ coffee and rocket (never used by training or calibration), whole:
 Part 2, the full-size architecture with seeded random weights (numerics only: the pictures mean
 nothing), at 128x192: INT8 and FP8 fake quantization in PyTorch, every layer quantized (no
 sensitivity search at this size), calibrated on 128-pixel crops of the training photographs.
+Part 3 (before part 2 when both run), speed where the convolutions are SD 2.1's size: the full-size
+architecture (random weights, timing only), the VAE encoder, G_s and the VAE decoder each exported
+fp32 and INT8 (Q/DQ), ONNX Runtime CPU, INT8 against fp32 side by side on the inputs of a 256x384
+image, with the time per op type (part 1 records it too). Not the full-size denoiser (DENOISER_NOT_TIMED).
 
 Writes benchmarks/results/precision_cpu.json and prints the tables. Heavy (the full-size part holds
 about 10 GB): run it under the shared lock,
 
-    flock /tmp/osdiff-heavy.lock python benchmarks/precision.py [--skip-full] [--runs 5]
+    flock /tmp/osdiff-heavy.lock python benchmarks/precision.py [--skip-full] [--skip-speed] [--runs 5]
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from entropy import cpu_model  # noqa: E402
 
 from osdiff.calibration.calibrate import Settings, calibrate  # noqa: E402
-from osdiff.calibration.images import load_calibration_images  # noqa: E402
+from osdiff.calibration.images import load_calibration_images, load_calibration_set  # noqa: E402
 from osdiff.calibration.islands import island_ranges, summary  # noqa: E402
 from osdiff.calibration.pipeline import _Backend, quality, run_fp32  # noqa: E402
 from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS  # noqa: E402
@@ -58,6 +62,10 @@ from osdiff.runtime.profiling import Trace, per_stage  # noqa: E402
 PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 RESULTS = Path(__file__).parent / "results" / "precision_cpu.json"
 ENCODE_GRAPHS = ("vae_encoder",)
+# the full-size graphs part 3 times; the denoiser (UNet + control module, 1.2 G parameters) is not
+SPEED_GRAPHS = ("vae_encoder", "synthesis", "vae_decoder")
+DENOISER_NOT_TIMED = ("its Q/DQ export (torch's TorchScript exporter, as ModelOpt requires) held over 20 GB of this "
+                      "24 GB machine and was stopped before it finished")
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -162,15 +170,14 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
     if not (d / "manifest.json").exists():
         echo(f"exporting the built-in model to {d} (fp32 + fp16) ...")
         export_onnx(model, d, fp16=True)
-    images = load_calibration_images(None, 256, 1)
+    calibration_set = load_calibration_set(None, 256, 1)
     report_path = d / "calibration.json"
     if report_path.exists() and {"int8", "fp8"} <= set(json.loads(report_path.read_text())["results"]):
         echo(f"reusing the calibration in {d} (FP8's fake-quantized graphs rebuilt from its skip lists) ...")
         report = json.loads(report_path.read_text())
         # the crops it was calibrated on: the crop size, and how many crops per photo
         per_photo = len(report["images"]) // len({n.split("@")[0] for n in report["images"]})
-        images = load_calibration_images(None, report["crop"][0], per_photo)
-        run = run_fp32(model, images)
+        run = run_fp32(model, load_calibration_set(None, report["crop"][0], per_photo).crops)
         graphs = model.graphs()
         fp8 = {g: quantize(graphs[g].module, run.inputs[g], Recipe.fp8(),
                            [layer for b in report["results"]["fp8"]["skipped"][g] for layer in blocks(graphs[g].module)[b]])
@@ -179,12 +186,13 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
                        for p, r in report["results"].items()}
     else:
         echo("calibrating INT8 and FP8 (osdiff calibrate's defaults) ...")
-        results = {r.precision: r for r in calibrate(model, d, images, Settings(precisions=("int8", "fp8")),
-                                                      accept_loss=True, echo=lambda s: echo("  " + s))}
+        results = {r.precision: r for r in calibrate(model, d, calibration_set.crops, Settings(precisions=("int8", "fp8")),
+                                                      accept_loss=True, echo=lambda s: echo("  " + s),
+                                                      validation=calibration_set.validation)}
         fp8 = results["fp8"].modules
         calibration = {p: {"skipped": r.skipped, "end_to_end": r.end_to_end, "within_targets": r.within_targets,
                            "recipe": r.recipe} for p, r in results.items()}
-        run = run_fp32(model, images)
+        run = run_fp32(model, calibration_set.crops)
     fp8 = {g: folded(m) for g, m in fp8.items()}  # the same computation, weights quantized once
     echo("fp16 islands: activation ranges on the calibration images ...")
     islands = summary(island_ranges(model, run))
@@ -208,10 +216,18 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
     torch_rows = measure(codec_of, {"fp8": fp8_graphs}, Codec(torch_fp32), photos)
     echo(f"timing fp32, fp16 and INT8 decode on ONNX Runtime ({runs} interleaved runs, chelsea) ...")
     times = timings({p: Codec(b) for p, b in ort.items()}, photos["chelsea.png"], runs)
+    echo("where the time goes: ONNX Runtime's profiler, fp32 and INT8, per op type (chelsea) ...")
+    rec = Recorder(ort["fp32"])
+    Codec(rec).decompress(Codec(rec).compress(photos["chelsea.png"]))
+    graphs = model.graphs()
+    ops = {g: op_profile({p: d / ort[p].variants[g]["file"] for p in ("fp32", "int8")},
+                         {name: x.numpy() for name, x in zip(graphs[g].inputs, rec.io[g][0])}, runs)
+           for g in QUANTIZED_GRAPHS}
     tmp.cleanup()
     return {"model": "built-in (demo config)", "photos": list(PHOTOS), "calibration": calibration,
-            "calibration_note": "end_to_end: on the calibration crops (the training photos)", "fp16_islands": islands,
-            "quality": onnx_rows | torch_rows, "decode_ms": times,
+            "calibration_note": "end_to_end: calibration's own measure, on its validation pictures (training photos "
+                                "whole, which set no range)", "fp16_islands": islands,
+            "quality": onnx_rows | torch_rows, "decode_ms": times, "ops_ms": ops,
             "backends": {"fp32": "onnxruntime CPU", "fp16": "onnxruntime CPU", "int8": "onnxruntime CPU (Q/DQ)",
                          "fp8": "PyTorch CPU, ModelOpt fake quantization"}}
 
@@ -250,6 +266,95 @@ def full_part(size: tuple[int, int], echo) -> dict:  # type: ignore[no-untyped-d
                                          "fp8": "PyTorch CPU, ModelOpt fake quantization"}}
 
 
+def op_profile(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, dict[str, float]]:
+    """Per precision (fp32, int8): ms per run spent in each ONNX Runtime op type (its profiler's
+    kernel times, after graph optimization: QLinearConv, the Transposes of its NHWC layout,
+    ReorderInput/Output of fp32's NCHWc one), mean of `runs` runs after one warm-up, the
+    precisions interleaved run by run (this CPU is shared)."""
+    import onnxruntime as ort
+
+    from osdiff.runtime.backends.onnxruntime_int8 import inference_session
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for precision, path in paths.items():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tmp) / precision)
+            sessions[precision] = inference_session(path, options, ["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            for session in sessions.values():
+                session.run(None, feeds)
+        for precision, session in sessions.items():
+            events = json.loads(Path(session.end_profiling()).read_text())
+            warm_up = next(e for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+            by_op: dict[str, float] = {}
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > warm_up["ts"] + warm_up["dur"]:
+                    by_op[e["args"]["op_name"]] = by_op.get(e["args"]["op_name"], 0.0) + e["dur"] / 1000 / runs
+            out[precision] = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def speed_part(size: tuple[int, int], runs: int, echo) -> dict:  # type: ignore[no-untyped-def]
+    """The full-size architecture (seeded random weights: timing only), graph by graph: the fp32
+    ONNX export against the INT8 Q/DQ graph (ModelOpt, calibrated on the graph's inputs from two
+    calibration crops of 128 pixels), ONNX Runtime CPU, medians of interleaved runs on a
+    `size` image's inputs, and where the time goes per op type."""
+    import onnxruntime as ort
+
+    from osdiff.calibration.qdq_export import export_qdq
+    from osdiff.export.model import graph_shapes
+    from osdiff.export.onnx_export import export_onnx
+    from osdiff.runtime.backends.onnxruntime_int8 import inference_session
+
+    echo("speed, full-size architecture (random weights): building ...")
+    model = OSDiffModel.random(ModelConfig.full(), 0)
+    run = run_fp32(model, load_calibration_images(None, 128, 1)[:2])
+    graphs = model.graphs()
+    out: dict = {}
+    for g in SPEED_GRAPHS:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            export_onnx(model, Path(tmp), fp16=False, only=[g])
+            paths = {"fp32": Path(tmp) / "fp32" / f"{g}.onnx", "int8": Path(tmp) / "int8" / f"{g}.onnx"}
+            export_qdq(quantize(graphs[g].module, run.inputs[g], Recipe()), model.config, g, graphs[g].inputs,
+                       graphs[g].outputs, paths["int8"])
+            echo(f"  {g}: exported fp32 and INT8 in {time.perf_counter() - t0:.0f} s; timing ...")
+            shapes = graph_shapes(model.config, g, 1, *size)
+            rng = np.random.default_rng(0)
+            feeds = {i: rng.standard_normal(shapes[i]).astype(np.float32) for i in graphs[g].inputs}
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sessions = {p: inference_session(path, options, ["CPUExecutionProvider"]) for p, path in paths.items()}
+            spans: dict[str, list[float]] = {p: [] for p in sessions}
+            for p, session in sessions.items():
+                session.run(None, feeds)
+            for _ in range(runs):
+                for p, session in sessions.items():
+                    t = time.perf_counter()
+                    session.run(None, feeds)
+                    spans[p].append((time.perf_counter() - t) * 1000)
+            del sessions
+            ms = {p: statistics.median(v) for p, v in spans.items()}
+            out[g] = {"ms": ms, "speed_up": ms["fp32"] / ms["int8"], "ops_ms": op_profile(paths, feeds, 1)}
+            echo(f"  {g}: fp32 {ms['fp32']:.0f} ms, INT8 {ms['int8']:.0f} ms ({out[g]['speed_up']:.2f}x)")
+    return {"model": "full-size architecture, seeded random weights (timing only)", "size": list(size),
+            "runs": runs, "graphs": out, "not_timed": {"denoiser": DENOISER_NOT_TIMED}}
+
+
+def ops_table(ops: dict[str, dict[str, float]], top: int = 8) -> str:
+    names = sorted(set(ops["fp32"]) | set(ops["int8"]), key=lambda k: -max(ops["fp32"].get(k, 0), ops["int8"].get(k, 0)))
+    lines = [f"  {'op type':<24}{'fp32 ms':>9}{'int8 ms':>9}"]
+    lines += [f"  {k:<24}{ops['fp32'].get(k, 0):>9.1f}{ops['int8'].get(k, 0):>9.1f}" for k in names[:top]]
+    lines.append(f"  {'(all)':<24}{sum(ops['fp32'].values()):>9.1f}{sum(ops['int8'].values()):>9.1f}")
+    return "\n".join(lines)
+
+
 def table(part: dict) -> str:
     lines = [f"{part['model']}: mean over {', '.join(PHOTOS)}",
              f"{'precision':<10}{'graph':<14}{'PSNR vs fp32':>13}{'dPSNR orig':>11}{'MS-SSIM vs fp32':>16}"
@@ -279,8 +384,12 @@ def time_table(times: dict) -> str:
               help="Reuse (or write) the built-in model's export here instead of a temporary folder.")
 @click.option("--skip-full", is_flag=True, help="Only the built-in model.")
 @click.option("--full-size", default="128x192", show_default=True, help="HxW of the full-size part's images.")
+@click.option("--skip-speed", is_flag=True, help="Without the full-size INT8 timing (ONNX Runtime, graph by graph).")
+@click.option("--speed-size", default="256x384", show_default=True, help="HxW of the image the full-size timing's "
+              "inputs are for.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=RESULTS, show_default=True)
-def main(runs: int, export: Path | None, skip_full: bool, full_size: str, json_path: Path) -> None:
+def main(runs: int, export: Path | None, skip_full: bool, full_size: str, skip_speed: bool, speed_size: str,
+         json_path: Path) -> None:
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     t0 = time.perf_counter()
     result: dict = {
@@ -297,8 +406,18 @@ def main(runs: int, export: Path | None, skip_full: bool, full_size: str, json_p
     click.echo(table(result["builtin"]))
     click.echo(f"\ndecode stages on {result['cpu']['model']} ({', '.join(f for f, v in result['cpu']['flags'].items() if v)}):")
     click.echo(time_table(result["builtin"]["decode_ms"]))
+    for g in ("denoiser", "vae_decoder"):
+        click.echo(f"\n{g}, where the time goes (ONNX Runtime profiler, chelsea):\n" + ops_table(result["builtin"]["ops_ms"][g]))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
+    if not skip_speed:
+        h, w = (int(v) for v in speed_size.split("x"))
+        result["full_speed"] = speed_part((h, w), runs, echo)
+        click.echo(f"\nfull-size architecture, INT8 against fp32 (ONNX Runtime CPU, inputs for {h}x{w}):")
+        click.echo(f"{'graph':<14}{'fp32 ms':>10}{'int8 ms':>10}{'speed-up':>10}")
+        for g, r in result["full_speed"]["graphs"].items():
+            click.echo(f"{g:<14}{r['ms']['fp32']:>10.0f}{r['ms']['int8']:>10.0f}{r['speed_up']:>9.2f}x")
+        json_path.write_text(json.dumps(result, indent=1))
     if not skip_full:
         h, w = (int(v) for v in full_size.split("x"))
         result["full_random"] = full_part((h, w), echo)

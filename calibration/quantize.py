@@ -52,7 +52,7 @@ class Recipe:
 
     precision: str = "int8"
     calibrator: str = "percentile"
-    percentile: float = 99.99
+    percentile: float = 99.999
     smoothquant_alpha: float | None = 0.8
     # quantize the outputs of the Conv2d layers too (INT8 only; see the module docstring)
     conv_outputs: bool = True

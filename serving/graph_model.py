@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from osdiff.runtime.backends.onnxruntime_int8 import session_source
+from osdiff.runtime.backends.onnxruntime_int8 import inference_session
 
 
 class OnnxGraphModel:
@@ -32,7 +32,7 @@ class OnnxGraphModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         # an INT8 graph with uint8 activations, as OnnxRuntimeBackend loads it
-        self.session = ort.InferenceSession(session_source(path), options, providers=["CPUExecutionProvider"])
+        self.session = inference_session(path, options, ["CPUExecutionProvider"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []

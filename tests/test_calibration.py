@@ -17,11 +17,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
 
-from osdiff.calibration.images import CalibrationError, MIN_IMAGES, load_calibration_images
+from osdiff.calibration.images import (CalibrationError, MIN_IMAGES, VALIDATION_EVERY, load_calibration_images,
+                                       load_calibration_set)
 from osdiff.calibration.precision import QUANTIZED_GRAPHS
 from osdiff.calibration.quantize import block_of, blocks, quantizable_layers
 
@@ -54,6 +56,21 @@ def test_folder_of_images_gives_square_crops(tmp_path):
     assert len(crops) == 2 * MIN_IMAGES
     assert all(c.pixels.shape == (128, 128, 3) and c.pixels.dtype == np.uint8 for c in crops)
     assert crops[0].name == "im0.png@scaled" and crops[1].name == "im0.png@native1"
+
+
+def test_every_third_image_validates_whole_and_sets_no_range(tmp_path):
+    """load_calibration_set: images 3, 6, ... are kept out of the crops and given whole, scaled
+    down (aspect kept) to the measure size, never up; a measure size under the crop is refused."""
+    sizes = [(150, 200), (300, 900), (500, 400), (150, 200), (150, 200), (150, 200), (150, 200)]
+    for i, (h, w) in enumerate(sizes):
+        _save(tmp_path / f"im{i}.png", _noise(i, h, w))
+    cs = load_calibration_set([tmp_path], 128, crops=1, measure_size=450)
+    assert [v.name for v in cs.validation] == ["im2.png@whole", "im5.png@whole"]
+    assert VALIDATION_EVERY == 3 and [c.name for c in cs.crops] == [f"im{i}.png@scaled" for i in (0, 1, 3, 4, 6)]
+    assert cs.validation[0].pixels.shape == (450, 360, 3)  # 500x400 scaled down
+    assert cs.validation[1].pixels.shape == (150, 200, 3)  # smaller than 450: as it is
+    with pytest.raises(CalibrationError, match="validation pictures' size \\(100\\) must be at least the crop \\(128\\)"):
+        load_calibration_set([tmp_path], 128, measure_size=100)
 
 
 def test_too_few_images_is_a_clear_error(tmp_path):
@@ -193,6 +210,15 @@ def tiny_crops():
     return load_calibration_images(None, 64)[:2]
 
 
+@pytest.fixture(scope="module")
+def tiny_validation():
+    """One whole validation picture (grace_hopper.jpg scaled to 128 pixels on its longer side: 128x109,
+    not a multiple of the tiny model's pad multiple), what the tiny calibration measures on."""
+    if importlib.util.find_spec("skimage") is None:
+        pytest.skip("scikit-image (the calibration photos) is not installed")
+    return load_calibration_set(None, 64, measure_size=128).validation[-1:]
+
+
 def test_int8_without_a_calibrated_export_is_a_clear_error(tiny_export):
     """An export without INT8 graphs refuses --precision int8, naming the graphs and the command.
     (First of the tiny tests: the session's export is set up here, so that --durations gives
@@ -206,7 +232,7 @@ def test_int8_without_a_calibrated_export_is_a_clear_error(tiny_export):
 
 
 @pytest.fixture(scope="module")
-def tiny_calibrated(tiny_model, tiny_export, tiny_crops, tmp_path_factory):
+def tiny_calibrated(tiny_model, tiny_export, tiny_crops, tiny_validation, tmp_path_factory):
     """The tiny model's export (the session's) calibrated to INT8 whole: every heavy graph
     quantized but for TINY_SKIP, exported with Q/DQ and entered in the manifest (no sensitivity
     search: the tiny model's random weights give no loss worth searching). CI's end-to-end check
@@ -218,19 +244,22 @@ def tiny_calibrated(tiny_model, tiny_export, tiny_crops, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_calibrated") / "export"
     shutil.copytree(tiny_export, out)
     (result,) = calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False, skip=TINY_SKIP), accept_loss=True,
-                          echo=lambda s: None)
+                          echo=lambda s: None, validation=tiny_validation)
     return out, result
 
 
 @needs_modelopt
-def test_tiny_qdq_on_quantized_layers_none_on_skipped_or_entropy_graphs(tiny_calibrated, tiny_model):
+def test_tiny_qdq_on_quantized_layers_none_on_skipped_or_entropy_graphs(tiny_calibrated, tiny_model, tiny_validation):
     """Every quantized layer: Q/DQ on its input and weight, and a QuantizeLinear on the output of
     each Conv (what ONNX Runtime needs for QLinearConv); no Q/DQ at all on the skipped blocks'
-    layers, nor in any graph of the entropy model."""
+    layers, nor in any graph of the entropy model. The manifest names the validation picture
+    the loss was measured on."""
     from osdiff.calibration.qdq_export import count_qdq, qdq_layers
 
     out, result = tiny_calibrated
     manifest = json.loads((out / "manifest.json").read_text())
+    (picture,) = tiny_validation
+    assert manifest["graphs"]["denoiser"]["int8"]["measured_on"] == [f"{picture.name} (128x109)"]
     graphs = tiny_model.graphs()
     assert result.skipped == {g: TINY_SKIP.get(g, []) for g in QUANTIZED_GRAPHS}
     for g in QUANTIZED_GRAPHS:
@@ -364,31 +393,31 @@ def fp32_export(builtin, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def calibration_crops():
+def calibration_set():
     if importlib.util.find_spec("skimage") is None:
         pytest.skip("scikit-image (the calibration photos) is not installed")
-    from osdiff.training.data import TRAIN_PHOTOS
-
-    return [c for c in load_calibration_images(None, CROP) if c.name.split("@")[0] in TRAIN_PHOTOS[:MIN_IMAGES]]
+    return load_calibration_set(None, CROP, measure_size=256)
 
 
 @pytest.fixture(scope="module")
-def calibrated(builtin, fp32_export, calibration_crops, tmp_path_factory):
-    """The built-in model's export with INT8 graphs (sensitivity on, accepted whatever the loss:
-    the tests check the loss is recorded, not that 128-pixel crops meet the targets)."""
+def calibrated(builtin, fp32_export, calibration_set, tmp_path_factory):
+    """The built-in model's export with INT8 graphs: ranges from 128-pixel crops of four training
+    photos, the loss measured on the other two whole at 256 pixels (sensitivity on, accepted
+    whatever the loss: the tests check the loss is recorded, not that it meets the targets)."""
     if importlib.util.find_spec("modelopt") is None:
         pytest.skip("nvidia-modelopt is not installed (pip install -e '.[calibrate]')")
     from osdiff.calibration.calibrate import Settings, calibrate
 
     out = tmp_path_factory.mktemp("calibrated") / "export"
     shutil.copytree(fp32_export, out)
-    (result,) = calibrate(builtin, out, calibration_crops, Settings(), accept_loss=True, echo=lambda s: None)
+    (result,) = calibrate(builtin, out, calibration_set.crops, Settings(), accept_loss=True, echo=lambda s: None,
+                          validation=calibration_set.validation)
     return out, result
 
 
 @pytest.mark.slow
 @needs_modelopt
-def test_manifest_entry_per_quantized_graph(calibrated, calibration_crops):
+def test_manifest_entry_per_quantized_graph(calibrated, calibration_set):
     out, result = calibrated
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["graphs"].items():
@@ -397,7 +426,8 @@ def test_manifest_entry_per_quantized_graph(calibrated, calibration_crops):
             continue
         int8 = entry["int8"]
         assert (out / int8["file"]).exists() and int8["calibrator"] == "percentile"
-        assert int8["images"] == [c.name for c in calibration_crops]
+        assert int8["images"] == [c.name for c in calibration_set.crops]
+        assert [m.split(" ")[0] for m in int8["measured_on"]] == [v.name for v in calibration_set.validation]
         assert {"psnr_vs_fp32_db", "psnr_drop_db"} <= set(int8["loss"]) and int8["latent_error"]["max_abs"] > 0
         assert int8["skipped_blocks"] == result.skipped[name]
     report = json.loads((out / "calibration.json").read_text())
@@ -450,11 +480,12 @@ def test_onnx_runtime_quantizes_a_layer_as_modelopt_does(layer, tmp_path):
     quantization. The uint8 rewrite changes no bit of ORT's output. Linear: equal to float
     rounding (1e-5 of the output's largest value). Conv, whose output is quantized too: the same
     grid of output steps, at most one step apart where the int32 accumulator and the float sum
-    round to different sides (under 1 % of the outputs)."""
+    round to different sides (under 1 % of the outputs). The same graph with its weights in
+    external data (as a full-size denoiser's, over 2 GB) loads the same way, to the same bits."""
     import onnxruntime as ort
 
     from osdiff.calibration.quantize import Recipe, quantize
-    from osdiff.runtime.backends.onnxruntime_int8 import session_source
+    from osdiff.runtime.backends.onnxruntime_int8 import inference_session
 
     torch.manual_seed(0)
     x = torch.randn(2, 16, 12, 12) if isinstance(layer, torch.nn.Conv2d) else torch.randn(2, 40, 16)
@@ -463,11 +494,17 @@ def test_onnx_runtime_quantizes_a_layer_as_modelopt_does(layer, tmp_path):
         torch.onnx.export(q, (x,), str(tmp_path / "layer.onnx"), dynamo=False, opset_version=18,
                           input_names=["input"])
         want = q(x)
-    source = session_source(tmp_path / "layer.onnx")
-    assert isinstance(source, bytes)
-    outs = [ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-            for src in (str(tmp_path / "layer.onnx"), source)]
-    assert np.array_equal(outs[0], outs[1])
+    external = tmp_path / "external" / "layer.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(str(tmp_path / "layer.onnx")), str(external), save_as_external_data=True,
+              location="layer.onnx.data", size_threshold=0)  # every initializer, zero points too
+    cpu = ["CPUExecutionProvider"]
+    sessions = [ort.InferenceSession(str(tmp_path / "layer.onnx"), providers=cpu),
+                inference_session(tmp_path / "layer.onnx", ort.SessionOptions(), cpu),
+                inference_session(external, ort.SessionOptions(), cpu)]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "layer.onnx")).graph.node].count("QuantizeLinear") >= 2
+    outs = [s.run(None, {"input": x.numpy()})[0] for s in sessions]
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[1], outs[2])
     got = torch.from_numpy(outs[1])
     if isinstance(layer, torch.nn.Linear):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -480,18 +517,19 @@ def test_onnx_runtime_quantizes_a_layer_as_modelopt_does(layer, tmp_path):
 
 @pytest.mark.slow
 @needs_modelopt
-def test_onnx_runtime_int8_graphs_lose_what_fake_quantization_loses(calibrated, builtin, calibration_crops):
+def test_onnx_runtime_int8_graphs_lose_what_fake_quantization_loses(calibrated, builtin, calibration_set):
     """As the tiny model's test, on the built-in model's graphs and their real inputs (ONNX
     Runtime's integer kernels against ModelOpt's fake quantization, same tolerance)."""
-    _assert_ort_int8_loses_what_fake_quantization_loses(builtin, calibration_crops, *calibrated)
+    _assert_ort_int8_loses_what_fake_quantization_loses(builtin, calibration_set.validation, *calibrated)
 
 
 @pytest.mark.slow
 @needs_modelopt
-def test_fp32_stream_decodes_with_int8_within_the_measured_loss(calibrated, builtin, calibration_crops):
+def test_fp32_stream_decodes_with_int8_within_the_measured_loss(calibrated, builtin, calibration_set):
     """Streams of the fp32 export decode with the INT8 one (the stream's check value proves
     every symbol was read as written), and the pixels lose what calibration measures (fake
-    quantization of the three decode graphs, the same crops and seeds), give or take 0.1 dB."""
+    quantization of the three decode graphs, the same validation pictures and seeds), give or
+    take 0.1 dB."""
     from osdiff.calibration.pipeline import decode_with, quality, run_fp32
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from osdiff.runtime.codec import Codec
@@ -499,14 +537,14 @@ def test_fp32_stream_decodes_with_int8_within_the_measured_loss(calibrated, buil
     out, result = calibrated
     fp32, int8 = Codec(OnnxRuntimeBackend(out)), Codec(OnnxRuntimeBackend(out, precision="int8"))
     refs, decoded, originals = [], [], []
-    for i, crop in enumerate(calibration_crops):
+    for i, crop in enumerate(calibration_set.validation):
         stream = fp32.compress(crop.pixels, seed=i)
         refs.append(fp32.decompress(stream))
         decoded.append(int8.decompress(stream))
         originals.append(crop.pixels)
         fp32.decompress(int8.compress(crop.pixels, seed=i))  # and an INT8 encoder's stream decodes in fp32
     got = quality(decoded, refs, originals)
-    run = run_fp32(builtin, calibration_crops)
+    run = run_fp32(builtin, calibration_set.validation)
     fake, _ = decode_with(builtin, run, {g: result.modules[g] for g in ("synthesis", "denoiser", "vae_decoder")})
     want = quality(fake, run.decoded, originals)
     assert abs(got["psnr_drop_db"] - want["psnr_drop_db"]) <= 0.1, \

@@ -22,37 +22,41 @@ from osdiff.cli.common import checkpoint_options, load_model, user_errors
                                       "(its loss is measured in PyTorch). Repeatable.")
 @click.option("--calibrator", type=click.Choice(["percentile", "entropy", "max"]), default="percentile",
               show_default=True, help="INT8 activation ranges: a percentile of |x|, the entropy (KL) clip, or the max.")
-@click.option("--percentile", default=99.99, show_default=True, help="For --calibrator percentile.")
+@click.option("--percentile", default=99.999, show_default=True, help="For --calibrator percentile.")
 @click.option("--smoothquant-alpha", default=0.8, show_default=True,
               help="SmoothQuant's migration strength for the Linear layers (INT8); 0 turns it off.")
 @click.option("--crop", default=256, show_default=True, help="Side of the square calibration crops, pixels.")
 @click.option("--crops-per-image", default=1, show_default=True,
               help="1: each image scaled to the crop; more: also crops at native resolution.")
+@click.option("--measure-size", default=768, show_default=True,
+              help="Every third image sets no range and is decoded whole, scaled down to this longer side "
+                   "(pixels): the loss, the sensitivity and the skip list are measured on these pictures.")
 @click.option("--max-block-loss", default=0.05, show_default=True,
               help="A block whose quantization alone drops the decoded PSNR by more (dB) stays float.")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
-              help="Measure each block's cost (one decode of the calibration set per block).")
+              help="Measure each block's cost (one decode of the validation pictures per block).")
 @click.option("--accept-loss", is_flag=True, help="Enter the graphs in the manifest even if they lose more than "
                                                   "the targets (0.3 dB PSNR, 0.005 MS-SSIM).")
 @user_errors
 def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...], calibrator: str, percentile: float,
-              smoothquant_alpha: float, crop: int, crops_per_image: int, max_block_loss: float, sensitivity: bool,
-              accept_loss: bool, **checkpoints: Any) -> None:
+              smoothquant_alpha: float, crop: int, crops_per_image: int, measure_size: int, max_block_loss: float,
+              sensitivity: bool, accept_loss: bool, **checkpoints: Any) -> None:
     """Quantize the heavy graphs (VAE encoder, G_s, denoiser, VAE decoder) of an export to INT8
     (and FP8) with NVIDIA ModelOpt, calibrated on real images, their loss measured; the
     entropy-model graphs stay fp32. Run the result with --precision int8."""
     from osdiff.calibration.calibrate import Settings, calibrate as run, verdict
-    from osdiff.calibration.images import load_calibration_images
+    from osdiff.calibration.images import load_calibration_set
     from osdiff.calibration.quantize import modelopt_version
 
     modelopt_version()  # before loading anything: a clear message when the extra is missing
-    crops = load_calibration_images(list(images) or None, crop, crops_per_image)
+    calibration_set = load_calibration_set(list(images) or None, crop, crops_per_image, measure_size)
     model = load_model(**checkpoints)
     settings = Settings(precisions=tuple(dict.fromkeys(precisions)), calibrator=calibrator, percentile=percentile,
                         smoothquant_alpha=smoothquant_alpha or None, max_block_loss_db=max_block_loss,
                         sensitivity=sensitivity)
     t0 = time.perf_counter()
-    results = run(model, engines, crops, settings, accept_loss=accept_loss, echo=click.echo)
+    results = run(model, engines, calibration_set.crops, settings, accept_loss=accept_loss, echo=click.echo,
+                  validation=calibration_set.validation)
     click.echo(f"calibrated in {time.perf_counter() - t0:.0f} s; every number in {engines}/calibration.json")
     for r in results:  # last, where the user looks: a loss over the targets is never buried in the log
         click.echo(verdict(r))

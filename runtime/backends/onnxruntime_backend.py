@@ -21,7 +21,7 @@ from torch import Tensor
 
 from osdiff.calibration.precision import fp32_by_design
 from osdiff.export.onnx_export import ExportError, load_export
-from osdiff.runtime.backends.onnxruntime_int8 import session_source
+from osdiff.runtime.backends.onnxruntime_int8 import inference_session
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -135,8 +135,8 @@ class OnnxRuntimeBackend:
                 raise ExportError(f"{path}: missing; re-run `osdiff export`")
             t0 = time.perf_counter()
             # INT8 graphs run with uint8 activations on ORT's integer kernels (onnxruntime_int8.py)
-            source = session_source(path) if self.precision == "int8" else str(path)
-            self._sessions[graph] = ort.InferenceSession(source, self.options, providers=self.providers)
+            self._sessions[graph] = (inference_session(path, self.options, self.providers) if self.precision == "int8"
+                                     else ort.InferenceSession(str(path), self.options, providers=self.providers))
             self.session_seconds += time.perf_counter() - t0
         return self._sessions[graph]
 

@@ -16,26 +16,32 @@ Imports no torch (serving/graph_model.py uses it).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 _ZERO_POINT = "osdiff_uint8_zero_point_128"
 
 
-def uint8_activations(model: onnx.ModelProto) -> int:
+def uint8_activations(model: onnx.ModelProto, folder: str | Path = "") -> int:
     """Rewrite, in place, every QuantizeLinear/DequantizeLinear of an activation whose zero
     point is int8 0 to uint8 zero point 128 (see the module docstring). A weight's pair (its
-    QuantizeLinear reads an initializer or a Constant) is left as it is. Returns the number of
-    nodes rewritten (0 for a graph without Q/DQ)."""
+    QuantizeLinear reads an initializer or a Constant) is left as it is. Reads only the zero
+    points (from `folder`, where they lie in external data). Returns the number of nodes
+    rewritten (0 for a graph without Q/DQ)."""
     graph = model.graph
-    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
 
     def value(name: str) -> np.ndarray | None:
         if name in consts:
-            return consts[name]
+            return numpy_helper.to_array(consts[name], base_dir=str(folder))
         node = producer.get(name)
         if node is None:
             return None
@@ -77,13 +83,30 @@ def uint8_activations(model: onnx.ModelProto) -> int:
     return len(changed)
 
 
-def session_source(path: str | Path) -> str | bytes:
-    """What to give onnxruntime.InferenceSession for the graph at `path`: its path, or, for a
-    graph with QuantizeLinear nodes, the serialized graph with uint8 activations. Reads the
-    graph's structure only (not its external weights) unless it has Q/DQ."""
-    if not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node):
-        return str(path)
-    model = onnx.load(str(path))
-    uint8_activations(model)
-    return model.SerializeToString()
+def inference_session(path: str | Path, options: "ort.SessionOptions",
+                      providers: list) -> "ort.InferenceSession":
+    """An ONNX Runtime session for the graph at `path`; a graph with QuantizeLinear nodes is
+    loaded with uint8 activations (see the module docstring). The rewrite touches the graph's
+    structure only: a graph whose weights lie in external data files (a full-size denoiser, over
+    protobuf's 2 GB) is rewritten without loading them, and ORT reads them from the graph's
+    folder (its "model_external_initializers_file_folder_path", set on `options`). Raises what
+    onnx.load and ort.InferenceSession raise for a missing or broken file."""
+    import onnxruntime as ort
 
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return ort.InferenceSession(str(path), options, providers=providers)
+    uint8_activations(model, path.parent)
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        key = "session.model_external_initializers_file_folder_path"
+        if _config_entry(options, key) != str(path.parent):  # ORT warns on every overwrite
+            options.add_session_config_entry(key, str(path.parent))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+
+def _config_entry(options: "ort.SessionOptions", key: str) -> str | None:
+    try:
+        return options.get_session_config_entry(key)
+    except RuntimeError:  # an unset key
+        return None
