@@ -16,8 +16,8 @@ nothing), at 128x192: INT8 and FP8 fake quantization in PyTorch, every layer qua
 sensitivity search at this size), calibrated on 128-pixel crops of the training photographs.
 Part 3 (before part 2 when both run), speed where the convolutions are SD 2.1's size: the full-size
 architecture (random weights, timing only), the VAE encoder, G_s and the VAE decoder each exported
-fp32 and INT8 (Q/DQ), ONNX Runtime CPU, INT8 against fp32 side by side on the inputs of a 256x384
-image, with the time per op type (part 1 records it too). Not the full-size denoiser (DENOISER_NOT_TIMED).
+fp32 and INT8 (Q/DQ), ONNX Runtime CPU, INT8 against fp32 side by side on random inputs shaped for a
+256x384 image, with the time per op type (part 1 records it too). Not the full-size denoiser (DENOISER_NOT_TIMED).
 
 Writes benchmarks/results/precision_cpu.json and prints the tables. Heavy (the full-size part holds
 about 10 GB): run it under the shared lock,
@@ -170,7 +170,6 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
     if not (d / "manifest.json").exists():
         echo(f"exporting the built-in model to {d} (fp32 + fp16) ...")
         export_onnx(model, d, fp16=True)
-    calibration_set = load_calibration_set(None, 256, 1)
     report_path = d / "calibration.json"
     if report_path.exists() and {"int8", "fp8"} <= set(json.loads(report_path.read_text())["results"]):
         echo(f"reusing the calibration in {d} (FP8's fake-quantized graphs rebuilt from its skip lists) ...")
@@ -186,6 +185,7 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
                        for p, r in report["results"].items()}
     else:
         echo("calibrating INT8 and FP8 (osdiff calibrate's defaults) ...")
+        calibration_set = load_calibration_set(None, 256, 1)
         results = {r.precision: r for r in calibrate(model, d, calibration_set.crops, Settings(precisions=("int8", "fp8")),
                                                       accept_loss=True, echo=lambda s: echo("  " + s),
                                                       validation=calibration_set.validation)}
@@ -302,8 +302,9 @@ def op_profile(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) 
 def speed_part(size: tuple[int, int], runs: int, echo) -> dict:  # type: ignore[no-untyped-def]
     """The full-size architecture (seeded random weights: timing only), graph by graph: the fp32
     ONNX export against the INT8 Q/DQ graph (ModelOpt, calibrated on the graph's inputs from two
-    calibration crops of 128 pixels), ONNX Runtime CPU, medians of interleaved runs on a
-    `size` image's inputs, and where the time goes per op type."""
+    calibration crops of 128 pixels), ONNX Runtime CPU, medians of interleaved runs on random
+    normal inputs shaped for a `size` image, and where the time goes per op type (one
+    profiled run each)."""
     import onnxruntime as ort
 
     from osdiff.calibration.qdq_export import export_qdq
@@ -332,7 +333,7 @@ def speed_part(size: tuple[int, int], runs: int, echo) -> dict:  # type: ignore[
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             sessions = {p: inference_session(path, options, ["CPUExecutionProvider"]) for p, path in paths.items()}
             spans: dict[str, list[float]] = {p: [] for p in sessions}
-            for p, session in sessions.items():
+            for session in sessions.values():  # warm-up
                 session.run(None, feeds)
             for _ in range(runs):
                 for p, session in sessions.items():

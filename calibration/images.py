@@ -97,26 +97,34 @@ def load_calibration_images(paths: list[str | Path] | None, size: int, crops: in
     Raises CalibrationError: fewer than MIN_IMAGES images, an unreadable image, an evaluation
     image, or an image smaller than `size` on its shorter side.
     """
+    _check_crops(size, crops)
     return _cropped(_read(paths), size, crops)
 
 
 def load_calibration_set(paths: list[str | Path] | None, size: int, crops: int = 1,
                          measure_size: int = 768) -> CalibrationSet:
-    """As load_calibration_images, with every VALIDATION_EVERY-th image kept out of the crops
-    and given whole instead, scaled down (never up) so that its longer side is at most
-    `measure_size` pixels: the pictures `osdiff calibrate` measures the loss on. Raises
-    CalibrationError as load_calibration_images does, and for a `measure_size` under `size`."""
+    """As load_calibration_images, with every VALIDATION_EVERY-th image (in the order read:
+    the paths as given, each folder's files sorted by path) kept out of the crops and given
+    whole instead, scaled down (never up) so that its longer side is at most `measure_size`
+    pixels: the pictures `osdiff calibrate` measures the loss on. Raises CalibrationError as
+    load_calibration_images does (a validation picture smaller than `size` too), and for a
+    `measure_size` under `size`."""
+    _check_crops(size, crops)
     if measure_size < size:
-        raise CalibrationError(f"the validation pictures' size ({measure_size}) must be at least the crop ({size})")
+        raise CalibrationError(f"--measure-size ({measure_size}) must be at least --crop ({size}): the validation "
+                               "pictures are measured at least as large as the crops that set the ranges")
     images = _read(paths)
     held = set(range(VALIDATION_EVERY - 1, len(images), VALIDATION_EVERY))
     validation = []
     for i in sorted(held):
         label, pixels = images[i]
         h, w = pixels.shape[:2]
+        if min(h, w) < size:  # as a crop would be: too small to say what the graphs lose at the deployed size
+            raise CalibrationError(f"{label}: {h}x{w} is smaller than the {size}x{size} calibration crop "
+                                   "(choose a smaller --crop)")
         k = measure_size / max(h, w)
         if k < 1:
-            pixels = np.asarray(Image.fromarray(pixels).resize((round(w * k), round(h * k)), Image.Resampling.LANCZOS))
+            pixels = np.asarray(Image.fromarray(pixels).resize((round(w * k), round(h * k)), Image.LANCZOS))
         validation.append(CalibrationImage(f"{Path(label).name}@whole", pixels))
     return CalibrationSet(_cropped([im for i, im in enumerate(images) if i not in held], size, crops), validation)
 
@@ -165,9 +173,12 @@ def _read(paths: list[str | Path] | None) -> list[tuple[str, np.ndarray]]:
     return images
 
 
-def _cropped(images: list[tuple[str, np.ndarray]], size: int, crops: int) -> list[CalibrationImage]:
+def _check_crops(size: int, crops: int) -> None:
     if size <= 0 or crops < 1:
-        raise CalibrationError(f"crop size and crops per image must be positive (got {size}, {crops})")
+        raise CalibrationError(f"--crop and --crops-per-image must be positive (got {size}, {crops})")
+
+
+def _cropped(images: list[tuple[str, np.ndarray]], size: int, crops: int) -> list[CalibrationImage]:
     out = []
     for label, pixels in images:
         if min(pixels.shape[:2]) < size:

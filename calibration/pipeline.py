@@ -105,8 +105,8 @@ def decode_with(model: OSDiffModel, run: CalibrationRun, swaps: dict[str, nn.Mod
 def quality(decoded: list[np.ndarray], reference: list[np.ndarray], originals: list[np.ndarray]) -> dict[str, float]:
     """Mean over images: PSNR (dB) and MS-SSIM of `decoded` against `reference` (the fp32
     decodes) and against the originals, and the drops (reference's against the originals minus
-    decoded's). MS-SSIM (pytorch-msssim) only where installed and the images are over 160
-    pixels on their shorter side (its five scales need that)."""
+    decoded's). MS-SSIM (pytorch-msssim) only where installed and every image is over 160
+    pixels on its shorter side (its five scales need that)."""
     out = {
         "psnr_vs_fp32_db": float(np.mean([min(psnr(d, r), 99.0) for d, r in zip(decoded, reference)])),
         "psnr_db": float(np.mean([psnr(d, o) for d, o in zip(decoded, originals)])),
@@ -114,7 +114,7 @@ def quality(decoded: list[np.ndarray], reference: list[np.ndarray], originals: l
     }
     out["psnr_drop_db"] = out["psnr_fp32_db"] - out["psnr_db"]
     msssim = _ms_ssim()
-    if msssim is not None and min(decoded[0].shape[:2]) > 160:
+    if msssim is not None and min(min(d.shape[:2]) for d in decoded) > 160:
         out["ms_ssim_vs_fp32"] = float(np.mean([msssim(d, r) for d, r in zip(decoded, reference)]))
         out["ms_ssim"] = float(np.mean([msssim(d, o) for d, o in zip(decoded, originals)]))
         out["ms_ssim_fp32"] = float(np.mean([msssim(r, o) for r, o in zip(reference, originals)]))

@@ -69,8 +69,29 @@ def test_every_third_image_validates_whole_and_sets_no_range(tmp_path):
     assert VALIDATION_EVERY == 3 and [c.name for c in cs.crops] == [f"im{i}.png@scaled" for i in (0, 1, 3, 4, 6)]
     assert cs.validation[0].pixels.shape == (450, 360, 3)  # 500x400 scaled down
     assert cs.validation[1].pixels.shape == (150, 200, 3)  # smaller than 450: as it is
-    with pytest.raises(CalibrationError, match="validation pictures' size \\(100\\) must be at least the crop \\(128\\)"):
+    with pytest.raises(CalibrationError, match="--measure-size \\(100\\) must be at least --crop \\(128\\)"):
         load_calibration_set([tmp_path], 128, measure_size=100)
+    with pytest.raises(CalibrationError, match="--crop and --crops-per-image must be positive \\(got 0, 1\\)"):
+        load_calibration_set([tmp_path], 0, measure_size=0)
+    _save(tmp_path / "im5.png", _noise(5, 100, 300))  # a validation picture smaller than the crop, as a crop would be
+    with pytest.raises(CalibrationError, match="im5.png: 100x300 is smaller than the 128x128 calibration crop"):
+        load_calibration_set([tmp_path], 128, measure_size=450)
+
+
+def test_ms_ssim_only_where_every_picture_allows_it_and_the_verdict_says_so():
+    """Validation pictures differ in size: MS-SSIM (five scales: over 160 pixels) is measured only
+    when every picture is large enough, and a verdict without it does not claim both targets."""
+    pytest.importorskip("pytorch_msssim", reason="pytorch-msssim (the eval extra) is not installed")
+    from osdiff.calibration.calibrate import PrecisionResult, verdict
+    from osdiff.calibration.pipeline import quality
+
+    big, small = _noise(0, 200, 220), _noise(1, 150, 400)
+    other_big, other_small = _noise(2, 200, 220), _noise(3, 150, 400)
+    assert "ms_ssim_drop" in quality([big], [big], [other_big])
+    q = quality([big, small], [big, small], [other_big, other_small])
+    assert "ms_ssim_drop" not in q and q["psnr_drop_db"] == 0
+    r = PrecisionResult("int8", {}, {}, {}, {}, q, within_targets=True, registered=True, seconds=0.0)
+    assert "within the PSNR target (0.3 dB) on the validation pictures; the MS-SSIM one unchecked" in verdict(r)
 
 
 def test_too_few_images_is_a_clear_error(tmp_path):
