@@ -159,10 +159,10 @@ def timings(codecs: dict[str, Codec], pixels: np.ndarray, runs: int) -> dict:
     return {p: {s: statistics.median(v) for s, v in st.items()} for p, st in spans.items()}
 
 
-def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[no-untyped-def]
+def builtin_part(runs: int, export: Path | None, names: tuple[str, ...], echo) -> dict:  # type: ignore[no-untyped-def]
     from osdiff.builtin import load_builtin
     from osdiff.export.onnx_export import export_onnx
-    from osdiff.training.data import bundled_photo
+    from osdiff.training.data import held_out_photo
 
     model = load_builtin()
     tmp = tempfile.TemporaryDirectory()
@@ -196,7 +196,7 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
     fp8 = {g: folded(m) for g, m in fp8.items()}  # the same computation, weights quantized once
     echo("fp16 islands: activation ranges on the calibration images ...")
     islands = summary(island_ranges(model, run))
-    photos = {n: bundled_photo(n) for n in PHOTOS}
+    photos = {n: held_out_photo(n) for n in names}
     ort = {p: OnnxRuntimeBackend(d, precision=p) for p in ("fp32", "fp16", "int8")}
     torch_fp32 = _Backend(model, {})
 
@@ -208,7 +208,7 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
             return Codec(ort[precision])
         return Codec(Mixed(ort["fp32"], {graph: ort[precision]}))
 
-    echo("measuring fp16 and INT8 (ONNX Runtime) on " + ", ".join(PHOTOS) + " ...")
+    echo("measuring fp16 and INT8 (ONNX Runtime) on " + ", ".join(names) + " ...")
     onnx_rows = measure(codec_of, {"fp16": {g: ort["fp16"] for g in QUANTIZED_GRAPHS},
                                    "int8": {g: ort["int8"] for g in QUANTIZED_GRAPHS}}, Codec(ort["fp32"]), photos)
     echo("measuring FP8 (PyTorch fake quantization) ...")
@@ -224,7 +224,7 @@ def builtin_part(runs: int, export: Path | None, echo) -> dict:  # type: ignore[
                          {name: x.numpy() for name, x in zip(graphs[g].inputs, rec.io[g][0])}, runs)
            for g in QUANTIZED_GRAPHS}
     tmp.cleanup()
-    return {"model": "built-in (demo config)", "photos": list(PHOTOS), "calibration": calibration,
+    return {"model": "built-in (demo config)", "photos": list(names), "calibration": calibration,
             "calibration_note": "end_to_end: calibration's own measure, on its validation pictures (training photos "
                                 "whole, which set no range)", "fp16_islands": islands,
             "quality": onnx_rows | torch_rows, "decode_ms": times, "ops_ms": ops,
@@ -357,7 +357,7 @@ def ops_table(ops: dict[str, dict[str, float]], top: int = 8) -> str:
 
 
 def table(part: dict) -> str:
-    lines = [f"{part['model']}: mean over {', '.join(PHOTOS)}",
+    lines = [f"{part['model']}: mean over {', '.join(part.get('photos', PHOTOS))}",
              f"{'precision':<10}{'graph':<14}{'PSNR vs fp32':>13}{'dPSNR orig':>11}{'MS-SSIM vs fp32':>16}"
              f"{'dMS-SSIM':>10}{'latent max':>11}{'latent mean':>12}"]
     for precision, rows in part["quality"].items():
@@ -383,14 +383,17 @@ def time_table(times: dict) -> str:
 @click.option("--runs", default=5, show_default=True, help="Timed decodes per precision (interleaved).")
 @click.option("--export", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Reuse (or write) the built-in model's export here instead of a temporary folder.")
-@click.option("--skip-full", is_flag=True, help="Only the built-in model.")
+@click.option("--skip-full", is_flag=True, help="Without the full-size quality part.")
+@click.option("--held-out", type=click.Choice(["trio", "all"]), default="trio", show_default=True,
+              help="The built-in model's photos: chelsea, coffee and rocket, or the whole held-out set (twelve, "
+                   "training/data.py HELD_OUT_SET; the wallpapers need `make photos`).")
 @click.option("--full-size", default="128x192", show_default=True, help="HxW of the full-size part's images.")
 @click.option("--skip-speed", is_flag=True, help="Without the full-size INT8 timing (ONNX Runtime, graph by graph).")
 @click.option("--speed-size", default="256x384", show_default=True, help="HxW of the image the full-size timing's "
               "inputs are for.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=RESULTS, show_default=True)
-def main(runs: int, export: Path | None, skip_full: bool, full_size: str, skip_speed: bool, speed_size: str,
-         json_path: Path) -> None:
+def main(runs: int, export: Path | None, skip_full: bool, held_out: str, full_size: str, skip_speed: bool,
+         speed_size: str, json_path: Path) -> None:
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     t0 = time.perf_counter()
     result: dict = {
@@ -403,7 +406,9 @@ def main(runs: int, export: Path | None, skip_full: bool, full_size: str, skip_s
     import onnxruntime
 
     result["onnxruntime"], result["modelopt"] = onnxruntime.__version__, modelopt.__version__
-    result["builtin"] = builtin_part(runs, export, echo)
+    from osdiff.training.data import HELD_OUT_SET
+
+    result["builtin"] = builtin_part(runs, export, PHOTOS if held_out == "trio" else HELD_OUT_SET, echo)
     click.echo(table(result["builtin"]))
     click.echo(f"\ndecode stages on {result['cpu']['model']} ({', '.join(f for f, v in result['cpu']['flags'].items() if v)}):")
     click.echo(time_table(result["builtin"]["decode_ms"]))
