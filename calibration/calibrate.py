@@ -8,9 +8,10 @@
        a time is left quantized and the validation pictures are decoded: the drop in decoded
        PSNR against the originals (mean over pictures) is that block's cost;
     3. the skip list: every block whose own cost exceeds `max_block_loss_db`; then all four
-       graphs are quantized together without them, and while the end-to-end loss is over the
-       targets (calibration/precision.py TARGETS) the costliest remaining block (PSNR and
-       MS-SSIM drops as fractions of their targets) is skipped too;
+       graphs are quantized together without them, and while the end-to-end loss is over `aim`
+       times the targets (calibration/precision.py TARGETS; the margin is for photos the
+       validation pictures do not represent) the costliest remaining block (PSNR and MS-SSIM
+       drops as fractions of their targets) is skipped too;
     4. INT8 graphs are written as ONNX with Q/DQ nodes (int8/<graph>.onnx) and FP8 ones with
        TensorRT's FP8 Q/DQ ops (fp8/<graph>.onnx), each with a manifest entry: precision,
        calibrator, images, skipped blocks, measured loss. A calibration over the targets is
@@ -60,6 +61,10 @@ class Settings:
     max_block_loss_db: float = 0.05
     # at most this many further blocks are skipped to meet the targets
     max_extra_skips: int = 8
+    # further blocks are skipped until the validation loss is under this fraction of each target:
+    # a few validation pictures understate the loss on unseen photos (the built-in model, INT8,
+    # validated on two pictures: 0.0042 MS-SSIM there, 0.0057 on the held-out trio, 1.4x; PSNR 1.9x)
+    aim: float = 0.7
     sensitivity: bool = True
     graphs: tuple[str, ...] = QUANTIZED_GRAPHS
     skip: dict[str, list[str]] = field(default_factory=dict)  # graph -> blocks kept float from the start
@@ -88,8 +93,9 @@ class PrecisionResult:
         return {k: v for k, v in vars(self).items() if k != "modules"}
 
 
-def within(q: dict[str, float]) -> bool:
-    return all(q.get(k, 0.0) <= v for k, v in TARGETS.items())
+def within(q: dict[str, float], fraction: float = 1.0) -> bool:
+    """Whether every drop in `q` is at most `fraction` of its target (calibration/precision.py TARGETS)."""
+    return all(q.get(k, 0.0) <= fraction * v for k, v in TARGETS.items())
 
 
 def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[CalibrationImage], settings: Settings,
@@ -166,12 +172,12 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
         decoded, stream_bytes = decode_with(model, measured, {g: folded(q) for g, q in quantized.items()})
         end_to_end = quality(decoded, measured.decoded, originals) | {"rate_change": stream_bytes / measured.bytes - 1}
         echo(f"{precision} all graphs, skipping {sum(map(len, skipped.values()))} block(s): {_fmt(end_to_end)}")
-        if within(end_to_end) or not extra:
+        if within(end_to_end, settings.aim) or not extra:
             break
         g, b = extra.pop(0)
         skipped[g].append(b)
         keep_float(quantized[g], graphs[g].module, _layers(graphs[g].module, [b]))
-        echo(f"  over the targets {TARGETS}: {g} {b} stays float too")
+        echo(f"  over {settings.aim:g} x the targets {TARGETS}: {g} {b} stays float too")
     ok = within(end_to_end)
     registered = ok or accept_loss
     per_graph = {}

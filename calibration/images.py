@@ -1,7 +1,9 @@
 """Calibration images: the photographs whose real activations set the INT8/FP8 ranges.
 
-Default: the built-in model's training photographs from scikit-image's and matplotlib's wheels
-(training/data.py TRAIN_PHOTOS). Never an evaluation image: the held-out set (training/data.py
+Default: the built-in model's training photographs (default_photos): the six from scikit-image's
+and matplotlib's wheels (training/data.py TRAIN_PHOTOS), then, when fetched (`make photos`), the
+four wallpaper photographs it trained on (fog, water at night, moss, a facade: the held-out set's
+worst losses are on skies and water, which the wheels' six do not show). Never an evaluation image: the held-out set (training/data.py
 HELD_OUT_SET: four scikit-image photographs and eight wallpaper photographs) and the bundled demo
 photo (a crop of chelsea) are refused, all named in one message: by pixel content, by file (a
 held-out wallpaper's original under any name) and by the wheels' file names, because a quality
@@ -135,12 +137,7 @@ def _read(paths: list[str | Path] | None) -> list[tuple[str, np.ndarray]]:
     images: list[tuple[str, np.ndarray]] = []
     digests: dict[str, str] = {}  # file -> SHA-256 of its bytes
     if not paths:
-        from osdiff.training.data import TRAIN_PHOTOS, bundled_photo
-
-        try:
-            images = [(name, bundled_photo(name)) for name in TRAIN_PHOTOS]
-        except FileNotFoundError as e:
-            raise CalibrationError(f"the default calibration photos are missing: {e}") from e
+        images = default_photos()
     else:
         files: list[Path] = []
         for p in map(Path, paths):
@@ -170,6 +167,22 @@ def _read(paths: list[str | Path] | None) -> list[tuple[str, np.ndarray]]:
             + f". Quality is measured on the held-out set ({', '.join(HELD_OUT_SET)}) and the demo photo, so they "
             "never set the quantization ranges: calibrate on other photos (default: the built-in model's training "
             "photos)")
+    return images
+
+
+def default_photos() -> list[tuple[str, np.ndarray]]:
+    """(name, H x W x 3 uint8) of the default calibration photographs (see the module docstring):
+    the wheels' TRAIN_PHOTOS, then the training wallpapers that are photographs, if fetched.
+    Raises CalibrationError when the wheels' photos are missing."""
+    from osdiff.training import wallpapers
+    from osdiff.training.data import TRAIN_PHOTOS, bundled_photo
+
+    try:
+        images = [(name, bundled_photo(name)) for name in TRAIN_PHOTOS]
+    except FileNotFoundError as e:
+        raise CalibrationError(f"the default calibration photos are missing: {e}") from e
+    if wallpapers.available():
+        images += [(w.name, wallpapers.load(w.name)) for w in wallpapers.WALLPAPERS if w.photo and not w.held_out]
     return images
 
 

@@ -129,7 +129,7 @@ def _ms_ssim():  # type: ignore[no-untyped-def]
         return None
 
     def f(a: np.ndarray, b: np.ndarray) -> float:
-        ta, tb = (torch.from_numpy(x).permute(2, 0, 1)[None].double() for x in (a, b))
+        ta, tb = (torch.from_numpy(x.astype(np.float64)).permute(2, 0, 1)[None] for x in (a, b))  # a copy: inputs may be read-only
         return float(ms_ssim(ta, tb, data_range=255, size_average=True))
     return f
 

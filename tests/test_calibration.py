@@ -165,10 +165,16 @@ def test_held_out_wallpapers_are_refused_by_file_and_every_one_is_named(tmp_path
 
 @needs_skimage
 def test_default_images_are_the_training_photos():
-    from osdiff.training.data import TRAIN_PHOTOS
+    """The wheels' six training photos, then the four training wallpapers that are photographs
+    when fetched; none of the held-out set (the wallpapers fetched or not: the test says which)."""
+    from osdiff.training import wallpapers
+    from osdiff.training.data import HELD_OUT_SET, TRAIN_PHOTOS
 
     crops = load_calibration_images(None, 128)
-    assert [c.name.split("@")[0] for c in crops] == list(TRAIN_PHOTOS)
+    names = [c.name.split("@")[0] for c in crops]
+    fetched = ["OneStandsOut", "ColdRipple", "Grey", "DarkestHour"] if wallpapers.available() else []
+    assert names == list(TRAIN_PHOTOS) + fetched
+    assert not set(names) & set(HELD_OUT_SET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +243,9 @@ def tiny_validation():
     not a multiple of the tiny model's pad multiple), what the tiny calibration measures on."""
     if importlib.util.find_spec("skimage") is None:
         pytest.skip("scikit-image (the calibration photos) is not installed")
-    return load_calibration_set(None, 64, measure_size=128).validation[-1:]
+    (picture,) = (v for v in load_calibration_set(None, 64, measure_size=128).validation
+                  if v.name == "grace_hopper.jpg@whole")
+    return [picture]
 
 
 def test_int8_without_a_calibrated_export_is_a_clear_error(tiny_export):
@@ -390,6 +398,31 @@ def test_tiny_fp32_stream_decodes_with_the_int8_export(tiny_calibrated, tiny_cro
         ref, got = fp32.decompress(stream), int8.decompress(stream)
         assert got.shape == ref.shape and psnr(got, ref) > 25, f"crop {i}: {psnr(got, ref):.1f} dB from fp32"
         fp32.decompress(int8.compress(crop.pixels, seed=i))
+
+
+@needs_modelopt
+def test_tiny_extra_skips_follow_the_costs_until_the_loss_is_under_aim_times_the_targets(
+        tiny_model, tiny_export, tiny_crops, tiny_validation, tmp_path):
+    """With no block over max_block_loss_db, the blocks that stay float are the costliest ones
+    by their measured cost against the targets, in that order, added one at a time until the
+    loss is under `aim` x the targets or max_extra_skips are spent (G_s alone: the smallest
+    graph, so its sensitivity search is quick)."""
+    from osdiff.calibration.calibrate import Settings, _against_targets, calibrate, within
+
+    out = tmp_path / "export"
+    shutil.copytree(tiny_export, out)
+    settings = Settings(graphs=("synthesis",), max_block_loss_db=float("inf"), max_extra_skips=2, aim=1e-9)
+    log: list[str] = []
+    (r,) = calibrate(tiny_model, out, tiny_crops, settings, accept_loss=True, echo=log.append,
+                     validation=tiny_validation)
+    costs = sorted(((_against_targets(q), b) for b, q in r.sensitivity["synthesis"].items() if b != "(all blocks)"),
+                   reverse=True)
+    costliest = [b for c, b in costs if c > 0][:2]
+    skipped = r.skipped["synthesis"]
+    assert costliest and skipped == costliest[:len(skipped)]
+    # it stopped early only because the loss got under aim x the targets
+    assert len(skipped) == len(costliest) or within(r.end_to_end, settings.aim)
+    assert sum("stays float too" in line for line in log) == len(skipped)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from osdiff.cli.common import checkpoint_options, load_model, user_errors
 @click.option("--engines", required=True, type=click.Path(exists=True, file_okay=False),
               help="The `osdiff export` directory of the same model; the quantized graphs are added to it.")
 @click.option("--images", multiple=True, type=click.Path(exists=True),
-              help="Calibration images or folders (repeatable; default: the built-in model's training photos). "
+              help="Calibration images or folders (repeatable; default: the built-in model's training photos, "
+                   "its wallpaper ones when fetched by `make photos`). "
                    "Never the evaluation images.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["int8", "fp8"]), default=["int8"],
               show_default=True, help="int8: Q/DQ graphs for ONNX Runtime and TensorRT; fp8: for TensorRT only "
@@ -33,6 +34,9 @@ from osdiff.cli.common import checkpoint_options, load_model, user_errors
                    "(pixels): the loss, the sensitivity and the skip list are measured on these pictures.")
 @click.option("--max-block-loss", default=0.05, show_default=True,
               help="A block whose quantization alone drops the decoded PSNR by more (dB) stays float.")
+@click.option("--aim", default=0.7, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Further blocks stay float until the loss on the validation pictures is under this fraction "
+                   "of the targets: a margin for photos they do not represent.")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="Measure each block's cost (one decode of the validation pictures per block).")
 @click.option("--accept-loss", is_flag=True, help="Enter the graphs in the manifest even if they lose more than "
@@ -40,7 +44,7 @@ from osdiff.cli.common import checkpoint_options, load_model, user_errors
 @user_errors
 def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...], calibrator: str, percentile: float,
               smoothquant_alpha: float, crop: int, crops_per_image: int, measure_size: int, max_block_loss: float,
-              sensitivity: bool, accept_loss: bool, **checkpoints: Any) -> None:
+              aim: float, sensitivity: bool, accept_loss: bool, **checkpoints: Any) -> None:
     """Quantize the heavy graphs (VAE encoder, G_s, denoiser, VAE decoder) of an export to INT8
     (and FP8) with NVIDIA ModelOpt, calibrated on real images, their loss measured; the
     entropy-model graphs stay fp32. Run the result with --precision int8."""
@@ -50,9 +54,11 @@ def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...]
 
     modelopt_version()  # before loading anything: a clear message when the extra is missing
     calibration_set = load_calibration_set(list(images) or None, crop, crops_per_image, measure_size)
+    click.echo(f"ranges from {len(calibration_set.crops)} crops ({', '.join(c.name for c in calibration_set.crops)}); "
+               f"loss measured on {', '.join(v.name for v in calibration_set.validation)}")
     model = load_model(**checkpoints)
     settings = Settings(precisions=tuple(dict.fromkeys(precisions)), calibrator=calibrator, percentile=percentile,
-                        smoothquant_alpha=smoothquant_alpha or None, max_block_loss_db=max_block_loss,
+                        smoothquant_alpha=smoothquant_alpha or None, max_block_loss_db=max_block_loss, aim=aim,
                         sensitivity=sensitivity)
     t0 = time.perf_counter()
     results = run(model, engines, calibration_set.crops, settings, accept_loss=accept_loss, echo=click.echo,
