@@ -2,19 +2,20 @@
 
 Default: the built-in model's training photographs (default_photos): the six from scikit-image's
 and matplotlib's wheels (training/data.py TRAIN_PHOTOS), then, when fetched (`make photos`), the
-four wallpaper photographs it trained on (fog, water at night, moss, a facade: the held-out set's
-worst losses are on skies and water, which the wheels' six do not show). Never an evaluation image: the held-out set (training/data.py
+four wallpaper photographs it trained on (moss, a pier in fog, a facade, a lake at night, in that
+order; the wheels' six show no open water or sky). Never an evaluation image: the held-out set (training/data.py
 HELD_OUT_SET: four scikit-image photographs and eight wallpaper photographs) and the bundled demo
 photo (a crop of chelsea) are refused, all named in one message: by pixel content, by file (a
 held-out wallpaper's original under any name) and by the wheels' file names, because a quality
 figure measured on the images that set the ranges would flatter the quantization.
 
-Each image gives `crops` square crops of `size` pixels (a multiple of the model's pad multiple):
+Each image gives `crops` square crops of `size` pixels:
 the whole picture scaled so that its shorter side is `size`, centre-cropped (the image's overall
 content), then centre crops at native resolution (its fine texture), so that the ranges see both.
 
 `load_calibration_set` also keeps every third image out of the ranges (VALIDATION_EVERY) and
-gives it whole, scaled down to the deployed size: what a quantized graph costs is measured there.
+gives it whole, scaled down to `measure_size` on its longer side: what a quantized graph costs is
+measured there.
 Measured on the images that set the ranges, the cost is flattered by up to a hundredfold (the
 built-in model's UNet output blocks: 0.002 dB on their own 256-pixel calibration crops, 0.28 dB
 on whole photographs they had not seen), and the skip list follows from the wrong numbers.
@@ -89,7 +90,9 @@ def _evaluation_image(label: str, pixels: np.ndarray, evaluation: dict[str, np.n
         return f"{originals[file_sha256]}, a held-out wallpaper photograph"
     stems = {Path(n).stem.lower() for n in HELD_OUT_SET if n.endswith((".png", ".jpg"))} | {"demo"}
     assert {Path(n).stem for n in HELD_OUT_PHOTOS} <= stems
-    return Path(label).name if Path(label).stem.lower() in stems else None
+    if Path(label).stem.lower() in stems:
+        return "the file name of an evaluation image, not its pixels; rename it if it is not that photo"
+    return None
 
 
 def load_calibration_images(paths: list[str | Path] | None, size: int, crops: int = 1) -> list[CalibrationImage]:
@@ -109,7 +112,7 @@ def load_calibration_set(paths: list[str | Path] | None, size: int, crops: int =
     the paths as given, each folder's files sorted by path) kept out of the crops and given
     whole instead, scaled down (never up) so that its longer side is at most `measure_size`
     pixels: the pictures `osdiff calibrate` measures the loss on. Raises CalibrationError as
-    load_calibration_images does (a validation picture smaller than `size` too), and for a
+    load_calibration_images does (a validation picture smaller than `size` once scaled, too), and for a
     `measure_size` under `size`."""
     _check_crops(size, crops)
     if measure_size < size:
@@ -121,12 +124,14 @@ def load_calibration_set(paths: list[str | Path] | None, size: int, crops: int =
     for i in sorted(held):
         label, pixels = images[i]
         h, w = pixels.shape[:2]
-        if min(h, w) < size:  # as a crop would be: too small to say what the graphs lose at the deployed size
-            raise CalibrationError(f"{label}: {h}x{w} is smaller than the {size}x{size} calibration crop "
-                                   "(choose a smaller --crop)")
         k = measure_size / max(h, w)
         if k < 1:
             pixels = np.asarray(Image.fromarray(pixels).resize((round(w * k), round(h * k)), Image.LANCZOS))
+        if min(pixels.shape[:2]) < size:  # as a crop would be: too small to say what the graphs lose
+            raise CalibrationError(f"{label}: {h}x{w}{f' (scaled to --measure-size {measure_size})' if k < 1 else ''} "
+                                   f"is {pixels.shape[0]}x{pixels.shape[1]}, smaller than the {size}x{size} "
+                                   "calibration crop; as every third image it is a validation picture (choose a "
+                                   "smaller --crop, a larger --measure-size, or another image)")
         validation.append(CalibrationImage(f"{Path(label).name}@whole", pixels))
     return CalibrationSet(_cropped([im for i, im in enumerate(images) if i not in held], size, crops), validation)
 

@@ -3,9 +3,9 @@ result (calibration/, runtime/backends/onnxruntime_backend.py, engine/build.py).
 
 CI calibrates the tiny reference model end to end (64-pixel crops, no sensitivity search; under a
 minute): Q/DQ placement, integer kernels in ONNX Runtime, ORT against fake quantization, streams
-across fp32/INT8. The built-in model (trained, so its losses mean something) is calibrated with
-the sensitivity search on 128-pixel crops of four of its training photos in the tests marked
-slow. They need nvidia-modelopt (the `calibrate` extra, which `make` installs) and are skipped
+across fp32/INT8; and G_s alone with the sensitivity search (the extra skips). The built-in model
+(trained, so its losses mean something) is calibrated with the sensitivity search on 128-pixel
+crops of its default calibration photos in the tests marked slow. They need nvidia-modelopt (the `calibrate` extra, which `make` installs) and are skipped
 with the reason where it is missing.
 """
 
@@ -74,7 +74,11 @@ def test_every_third_image_validates_whole_and_sets_no_range(tmp_path):
     with pytest.raises(CalibrationError, match="--crop and --crops-per-image must be positive \\(got 0, 1\\)"):
         load_calibration_set([tmp_path], 0, measure_size=0)
     _save(tmp_path / "im5.png", _noise(5, 100, 300))  # a validation picture smaller than the crop, as a crop would be
-    with pytest.raises(CalibrationError, match="im5.png: 100x300 is smaller than the 128x128 calibration crop"):
+    with pytest.raises(CalibrationError, match="im5.png: 100x300 is 100x300, smaller than the 128x128 calibration crop"):
+        load_calibration_set([tmp_path], 128, measure_size=450)
+    _save(tmp_path / "im5.png", _noise(5, 150, 1200))  # large enough, until scaled to the measure size
+    with pytest.raises(CalibrationError, match="im5.png: 150x1200 \(scaled to --measure-size 450\) is 56x450, "
+                                               "smaller than the 128x128"):
         load_calibration_set([tmp_path], 128, measure_size=450)
 
 
@@ -140,8 +144,9 @@ def test_held_out_photos_are_refused(tmp_path, name):
     with pytest.raises(CalibrationError, match=f"renamed.png \\({name}\\)"):
         load_calibration_images([tmp_path], 128)
     (tmp_path / "renamed.png").unlink()
-    _save(tmp_path / f"{Path(name).stem}.png", _noise(9))  # by name
-    with pytest.raises(CalibrationError, match="evaluation image"):
+    _save(tmp_path / f"{Path(name).stem}.png", _noise(9))  # by name, and the message says so
+    with pytest.raises(CalibrationError,
+                       match=f"{Path(name).stem}.png \\(the file name of an evaluation image, not its pixels; rename"):
         load_calibration_images([tmp_path], 128)
 
 
@@ -400,6 +405,24 @@ def test_tiny_fp32_stream_decodes_with_the_int8_export(tiny_calibrated, tiny_cro
         fp32.decompress(int8.compress(crop.pixels, seed=i))
 
 
+@pytest.mark.parametrize("aim, losses, kept", [
+    (0.7, [0.0060, 0.0040, 0.0034, 0.0020], 2),  # under 0.7 x 0.005 after two blocks: stops there
+    (1.0, [0.0060, 0.0040], 1),  # the aim is the targets themselves
+    (0.5, [0.0060, 0.0040, 0.0034, 0.0030], 3),  # three candidates only: stops over the aim, and says so
+])
+def test_extra_skips_stop_once_the_loss_is_under_aim_times_the_targets(aim, losses, kept):
+    from osdiff.calibration.calibrate import skip_until_within
+
+    candidates = [("denoiser", "unet.out"), ("vae_decoder", "decoder.conv_out"), ("synthesis", "decoder.g_s2")]
+    measured = iter(losses)
+    skipped: list[tuple[str, str]] = []
+    log: list[str] = []
+    q = skip_until_within(candidates, lambda: {"psnr_drop_db": 0.1, "ms_ssim_drop": next(measured)},
+                          lambda g, b: skipped.append((g, b)), aim, log.append)
+    assert skipped == candidates[:kept] and q["ms_ssim_drop"] == losses[kept]
+    assert any("still over" in line for line in log) == (kept == len(candidates))
+
+
 @needs_modelopt
 def test_tiny_extra_skips_follow_the_costs_until_the_loss_is_under_aim_times_the_targets(
         tiny_model, tiny_export, tiny_crops, tiny_validation, tmp_path):
@@ -455,8 +478,8 @@ def calibration_set():
 
 @pytest.fixture(scope="module")
 def calibrated(builtin, fp32_export, calibration_set, tmp_path_factory):
-    """The built-in model's export with INT8 graphs: ranges from 128-pixel crops of four training
-    photos, the loss measured on the other two whole at 256 pixels (sensitivity on, accepted
+    """The built-in model's export with INT8 graphs: ranges from 128-pixel crops of its default
+    calibration photos, the loss measured on every third whole at 256 pixels (sensitivity on, accepted
     whatever the loss: the tests check the loss is recorded, not that it meets the targets)."""
     if importlib.util.find_spec("modelopt") is None:
         pytest.skip("nvidia-modelopt is not installed (pip install -e '.[calibrate]')")

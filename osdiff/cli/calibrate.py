@@ -15,16 +15,17 @@ from osdiff.cli.common import checkpoint_options, load_model, user_errors
 @click.option("--engines", required=True, type=click.Path(exists=True, file_okay=False),
               help="The `osdiff export` directory of the same model; the quantized graphs are added to it.")
 @click.option("--images", multiple=True, type=click.Path(exists=True),
-              help="Calibration images or folders (repeatable; default: the built-in model's training photos, "
-                   "its wallpaper ones when fetched by `make photos`). "
-                   "Never the evaluation images.")
+              help="Calibration images or folders (repeatable; folders searched recursively, files sorted by path; "
+                   "at least 6 images). Default: the built-in model's training photos, its wallpaper ones too "
+                   "when fetched by `make photos`. Never the evaluation images.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["int8", "fp8"]), default=["int8"],
               show_default=True, help="int8: Q/DQ graphs for ONNX Runtime and TensorRT; fp8: for TensorRT only "
                                       "(its loss is measured in PyTorch). Repeatable.")
 @click.option("--calibrator", type=click.Choice(["percentile", "entropy", "max"]), default="percentile",
               show_default=True, help="INT8 activation ranges: a percentile of |x|, the entropy (KL) clip, or the max.")
-@click.option("--percentile", default=99.999, show_default=True, help="For --calibrator percentile.")
-@click.option("--smoothquant-alpha", default=0.8, show_default=True,
+@click.option("--percentile", default=99.999, show_default=True, type=click.FloatRange(50, 100, min_open=True),
+              help="For --calibrator percentile (INT8).")
+@click.option("--smoothquant-alpha", default=0.8, show_default=True, type=click.FloatRange(0, 1),
               help="SmoothQuant's migration strength for the Linear layers (INT8); 0 turns it off.")
 @click.option("--crop", default=256, show_default=True, help="Side of the square calibration crops, pixels.")
 @click.option("--crops-per-image", default=1, show_default=True,
@@ -32,11 +33,12 @@ from osdiff.cli.common import checkpoint_options, load_model, user_errors
 @click.option("--measure-size", default=768, show_default=True,
               help="Every third image sets no range and is decoded whole, scaled down to this longer side "
                    "(pixels): the loss, the sensitivity and the skip list are measured on these pictures.")
-@click.option("--max-block-loss", default=0.05, show_default=True,
+@click.option("--max-block-loss", default=0.05, show_default=True, type=click.FloatRange(min=0),
               help="A block whose quantization alone drops the decoded PSNR by more (dB) stays float.")
 @click.option("--aim", default=0.7, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Further blocks stay float until the loss on the validation pictures is under this fraction "
-                   "of the targets: a margin for photos they do not represent.")
+              help="Further blocks (at most 8, the costliest first) stay float until the loss on the validation "
+                   "pictures is under this fraction of the targets (0.3 dB PSNR, 0.005 MS-SSIM): a margin for "
+                   "photos they do not represent. Needs --sensitivity.")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="Measure each block's cost (one decode of the validation pictures per block).")
 @click.option("--accept-loss", is_flag=True, help="Enter the graphs in the manifest even if they lose more than "
@@ -53,9 +55,18 @@ def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...]
     from osdiff.calibration.quantize import modelopt_version
 
     modelopt_version()  # before loading anything: a clear message when the extra is missing
+    if calibrator != "percentile" and click.get_current_context().get_parameter_source("percentile") \
+            is not click.core.ParameterSource.DEFAULT:
+        click.echo(f"note: --percentile is for --calibrator percentile; --calibrator {calibrator} ignores it")
+    if not images:
+        from osdiff.training import wallpapers
+
+        if not wallpapers.available():
+            click.echo(f"note: {wallpapers.missing_message()}; calibrating on the wheels' six photos only")
     calibration_set = load_calibration_set(list(images) or None, crop, crops_per_image, measure_size)
     click.echo(f"ranges from {len(calibration_set.crops)} crops ({', '.join(c.name for c in calibration_set.crops)}); "
-               f"loss measured on {', '.join(v.name for v in calibration_set.validation)}")
+               "loss measured on " + ", ".join(f"{v.name} ({v.pixels.shape[0]}x{v.pixels.shape[1]})"
+                                               for v in calibration_set.validation))
     model = load_model(**checkpoints)
     settings = Settings(precisions=tuple(dict.fromkeys(precisions)), calibrator=calibrator, percentile=percentile,
                         smoothquant_alpha=smoothquant_alpha or None, max_block_loss_db=max_block_loss, aim=aim,
