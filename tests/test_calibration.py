@@ -170,16 +170,19 @@ def test_held_out_wallpapers_are_refused_by_file_and_every_one_is_named(tmp_path
 
 @needs_skimage
 def test_default_images_are_the_training_photos():
-    """The wheels' six training photos, then the four training wallpapers that are photographs
-    when fetched; none of the held-out set (the wallpapers fetched or not: the test says which)."""
+    """The wheels' six training photos and, when fetched, the four training wallpapers that are
+    photographs; none of the held-out set; the validation pictures are the portrait and (with
+    the wallpapers) the two with water and sky."""
     from osdiff.training import wallpapers
     from osdiff.training.data import HELD_OUT_SET, TRAIN_PHOTOS
 
-    crops = load_calibration_images(None, 128)
-    names = [c.name.split("@")[0] for c in crops]
-    fetched = ["OneStandsOut", "ColdRipple", "Grey", "DarkestHour"] if wallpapers.available() else []
-    assert names == list(TRAIN_PHOTOS) + fetched
+    names = [c.name.split("@")[0] for c in load_calibration_images(None, 128)]
+    training_wallpapers = {w.name for w in wallpapers.WALLPAPERS if w.photo and not w.held_out}
+    assert set(names) == set(TRAIN_PHOTOS) | (training_wallpapers if wallpapers.available() else set())
     assert not set(names) & set(HELD_OUT_SET)
+    validation = [v.name for v in load_calibration_set(None, 128).validation]
+    assert validation == (["grace_hopper.jpg@whole", "ColdRipple@whole", "DarkestHour@whole"] if wallpapers.available()
+                          else ["grace_hopper.jpg@whole", "motorcycle_right.png@whole"])
 
 
 # ---------------------------------------------------------------------------------------------
