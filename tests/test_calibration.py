@@ -522,6 +522,8 @@ def test_manifest_entry_per_quantized_graph(calibrated, calibration_set):
 def _read_by_a_quantized_layer(path: Path) -> set[str]:
     """Layers (named by their weight's module path) whose output goes through QuantizeLinear ->
     DequantizeLinear straight into another Conv/MatMul/Gemm: a quantized layer reading it."""
+    from osdiff.calibration.qdq_export import _DEQUANT_OPS, _LAYER_OPS, _QUANT_OPS
+
     model = onnx.load(str(path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -529,14 +531,13 @@ def _read_by_a_quantized_layer(path: Path) -> set[str]:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     params = {i.name for i in model.graph.initializer}
-    layers = ("Conv", "ConvTranspose", "MatMul", "Gemm")
     out = set()
     for n in model.graph.node:
-        if n.op_type not in layers:
+        if n.op_type not in _LAYER_OPS:
             continue
-        reads = [c for q in consumers.get(n.output[0], []) if q.op_type == "QuantizeLinear"
-                 for dq in consumers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"
-                 for c in consumers.get(dq.output[0], []) if c.op_type in layers and c.input[0] == dq.output[0]]
+        reads = [c for q in consumers.get(n.output[0], []) if q.op_type in _QUANT_OPS
+                 for dq in consumers.get(q.output[0], []) if dq.op_type in _DEQUANT_OPS
+                 for c in consumers.get(dq.output[0], []) if c.op_type in _LAYER_OPS and c.input[0] == dq.output[0]]
         name = n.input[1]
         while name not in params and name in producer:
             name = producer[name].input[0]
