@@ -17,7 +17,8 @@ sensitivity search at this size), calibrated on 128-pixel crops of the training 
 Part 3 (before part 2 when both run), speed where the convolutions are SD 2.1's size: the full-size
 architecture (random weights, timing only), the VAE encoder, G_s and the VAE decoder each exported
 fp32 and INT8 (Q/DQ), ONNX Runtime CPU, INT8 against fp32 side by side on random inputs shaped for a
-256x384 image, with the time per op type (part 1 records it too). Not the full-size denoiser (DENOISER_NOT_TIMED).
+256x384 image, with the time per op type (part 1 records it too); the denoiser (UNet + control module,
+1.2 G parameters) too, last.
 
 Writes benchmarks/results/precision_cpu.json and prints the tables. Heavy (the full-size part holds
 about 10 GB): run it under the shared lock,
@@ -62,10 +63,8 @@ from osdiff.runtime.profiling import Trace, per_stage  # noqa: E402
 PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 RESULTS = Path(__file__).parent / "results" / "precision_cpu.json"
 ENCODE_GRAPHS = ("vae_encoder",)
-# the full-size graphs part 3 times; the denoiser (UNet + control module, 1.2 G parameters) is not
-SPEED_GRAPHS = ("vae_encoder", "synthesis", "vae_decoder")
-DENOISER_NOT_TIMED = ("its Q/DQ export (torch's TorchScript exporter, as ModelOpt requires) held over 20 GB of this "
-                      "24 GB machine and was stopped before it finished")
+# the full-size graphs part 3 times
+SPEED_GRAPHS = ("vae_encoder", "synthesis", "vae_decoder", "denoiser")
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -299,53 +298,71 @@ def op_profile(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) 
     return out
 
 
-def speed_part(size: tuple[int, int], runs: int, echo) -> dict:  # type: ignore[no-untyped-def]
+def speed_part(size: tuple[int, int], runs: int, echo, graphs: tuple[str, ...] = SPEED_GRAPHS) -> dict:  # type: ignore[no-untyped-def]
     """The full-size architecture (seeded random weights: timing only), graph by graph: the fp32
     ONNX export against the INT8 Q/DQ graph (ModelOpt, calibrated on the graph's inputs from two
-    calibration crops of 128 pixels), ONNX Runtime CPU, medians of interleaved runs on random
-    normal inputs shaped for a `size` image, and where the time goes per op type (one
-    profiled run each)."""
-    import onnxruntime as ort
-
+    calibration crops of 128 pixels, every layer quantized), ONNX Runtime CPU, medians of
+    interleaved runs on random normal inputs shaped for a `size` image, and where the time goes
+    per op type (one profiled run each). The denoiser comes last: the PyTorch model is let go
+    before its Q/DQ export, so that this 24 GB machine holds the quantized copy (4.8 GB), the
+    export and the ONNX Runtime sessions one after another."""
     from osdiff.calibration.qdq_export import export_qdq
     from osdiff.export.model import graph_shapes
     from osdiff.export.onnx_export import export_onnx
-    from osdiff.runtime.backends.onnxruntime_int8 import inference_session
 
     echo("speed, full-size architecture (random weights): building ...")
-    model = OSDiffModel.random(ModelConfig.full(), 0)
-    run = run_fp32(model, load_calibration_images(None, 128, 1)[:2])
-    graphs = model.graphs()
+    model: OSDiffModel | None = OSDiffModel.random(ModelConfig.full(), 0)
+    assert model is not None
+    cfg = model.config
+    inputs = run_fp32(model, load_calibration_images(None, 128, 1)[:2]).inputs
+    order = sorted(graphs, key=lambda g: g == "denoiser")
     out: dict = {}
-    for g in SPEED_GRAPHS:
+    for g in order:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
+            assert model is not None
             export_onnx(model, Path(tmp), fp16=False, only=[g])
             paths = {"fp32": Path(tmp) / "fp32" / f"{g}.onnx", "int8": Path(tmp) / "int8" / f"{g}.onnx"}
-            export_qdq(quantize(graphs[g].module, run.inputs[g], Recipe()), model.config, g, graphs[g].inputs,
-                       graphs[g].outputs, paths["int8"])
+            spec = model.graphs()[g]
+            q = quantize(spec.module, inputs[g], Recipe())
+            io = (spec.inputs, spec.outputs)
+            del spec
+            if g == order[-1]:
+                model = None  # nothing reads it any more: its memory goes before the Q/DQ export
+                inputs = {}
+            export_qdq(q, cfg, g, *io, paths["int8"])
+            del q
             echo(f"  {g}: exported fp32 and INT8 in {time.perf_counter() - t0:.0f} s; timing ...")
-            shapes = graph_shapes(model.config, g, 1, *size)
+            shapes = graph_shapes(cfg, g, 1, *size)
             rng = np.random.default_rng(0)
-            feeds = {i: rng.standard_normal(shapes[i]).astype(np.float32) for i in graphs[g].inputs}
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            sessions = {p: inference_session(path, options, ["CPUExecutionProvider"]) for p, path in paths.items()}
-            spans: dict[str, list[float]] = {p: [] for p in sessions}
-            for session in sessions.values():  # warm-up
-                session.run(None, feeds)
-            for _ in range(runs):
-                for p, session in sessions.items():
-                    t = time.perf_counter()
-                    session.run(None, feeds)
-                    spans[p].append((time.perf_counter() - t) * 1000)
-            del sessions
-            ms = {p: statistics.median(v) for p, v in spans.items()}
+            feeds = {i: rng.standard_normal(shapes[i]).astype(np.float32) for i in io[0]}
+            ms = interleaved_ms(paths, feeds, runs)
             out[g] = {"ms": ms, "speed_up": ms["fp32"] / ms["int8"], "ops_ms": op_profile(paths, feeds, 1)}
             echo(f"  {g}: fp32 {ms['fp32']:.0f} ms, INT8 {ms['int8']:.0f} ms ({out[g]['speed_up']:.2f}x)")
     return {"model": "full-size architecture, seeded random weights (timing only)", "size": list(size),
-            "runs": runs, "graphs": out, "not_timed": {"denoiser": DENOISER_NOT_TIMED}}
+            "runs": runs, "graphs": out}
+
+
+def interleaved_ms(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    """Per precision, the median ms of `runs` ONNX Runtime CPU runs after one warm-up, the
+    precisions interleaved run by run (this CPU is shared)."""
+    import onnxruntime as ort
+
+    from osdiff.runtime.backends.onnxruntime_int8 import inference_session
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {p: inference_session(path, options, ["CPUExecutionProvider"]) for p, path in paths.items()}
+    spans: dict[str, list[float]] = {p: [] for p in sessions}
+    for session in sessions.values():  # warm-up
+        session.run(None, feeds)
+    for _ in range(runs):
+        for p, session in sessions.items():
+            t = time.perf_counter()
+            session.run(None, feeds)
+            spans[p].append((time.perf_counter() - t) * 1000)
+    return {p: statistics.median(v) for p, v in spans.items()}
 
 
 def ops_table(ops: dict[str, dict[str, float]], top: int = 8) -> str:
@@ -389,11 +406,13 @@ def time_table(times: dict) -> str:
                    "training/data.py HELD_OUT_SET; the wallpapers need `make photos`).")
 @click.option("--full-size", default="128x192", show_default=True, help="HxW of the full-size part's images.")
 @click.option("--skip-speed", is_flag=True, help="Without the full-size INT8 timing (ONNX Runtime, graph by graph).")
+@click.option("--speed-graph", "speed_graphs", multiple=True, type=click.Choice(SPEED_GRAPHS),
+              default=SPEED_GRAPHS, show_default=True, help="The full-size graphs timed (repeat the option).")
 @click.option("--speed-size", default="256x384", show_default=True, help="HxW of the image the full-size timing's "
               "inputs are for.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=RESULTS, show_default=True)
 def main(runs: int, export: Path | None, skip_full: bool, held_out: str, full_size: str, skip_speed: bool,
-         speed_size: str, json_path: Path) -> None:
+         speed_size: str, speed_graphs: tuple[str, ...], json_path: Path) -> None:
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     t0 = time.perf_counter()
     result: dict = {
@@ -418,7 +437,7 @@ def main(runs: int, export: Path | None, skip_full: bool, held_out: str, full_si
     json_path.write_text(json.dumps(result, indent=1))
     if not skip_speed:
         h, w = (int(v) for v in speed_size.split("x"))
-        result["full_speed"] = speed_part((h, w), runs, echo)
+        result["full_speed"] = speed_part((h, w), runs, echo, speed_graphs)
         click.echo(f"\nfull-size architecture, INT8 against fp32 (ONNX Runtime CPU, inputs for {h}x{w}):")
         click.echo(f"{'graph':<14}{'fp32 ms':>10}{'int8 ms':>10}{'speed-up':>10}")
         for g, r in result["full_speed"]["graphs"].items():

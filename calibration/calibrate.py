@@ -186,11 +186,15 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     per_graph = {}
     for g, q in quantized.items():
         path = export_dir / precision / f"{g}.onnx"
-        export_qdq(q, model.config, g, graphs[g].inputs, graphs[g].outputs, path)
+        constant = export_qdq(q, model.config, g, graphs[g].inputs, graphs[g].outputs, path)
+        # layers the exporter computed into constants are float in the graph: so they are in what
+        # is measured from here on (the end-to-end loss above had them quantized, a bound)
+        keep_float(q, graphs[g].module, constant)
         # that graph alone: it runs on the fp32 run's inputs for it, in order (decode_with)
         recorded = Recorded(folded(q))
         alone, _ = decode_with(model, measured, {g: recorded})
         per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path), "qdq_pairs": count_qdq(path),
+                        "constant_layers": constant,
                         "quality": quality(alone, measured.decoded, originals),
                         "latent_error": latent_error(recorded.outputs, graphs[g].module, measured.inputs[g])}
         echo(f"{precision} {g}: wrote {path} ({per_graph[g]['qdq_pairs']} Q/DQ pairs)")
@@ -276,7 +280,7 @@ def _write(export_dir: Path, results: list[PrecisionResult], images: list[Calibr
                 entry[r.precision] = {
                     "file": p["file"], "sha256": p["sha256"], "calibrator": r.recipe["calibrator"],
                     "recipe": r.recipe, "images": names, "measured_on": measured_on, "skipped_blocks": r.skipped[g],
-                    "loss": p["quality"],
+                    "constant_layers": p["constant_layers"], "loss": p["quality"],
                     "latent_error": p["latent_error"], "attention": ATTENTION_FORM,
                     "runs_on": "onnxruntime, tensorrt" if r.precision == "int8" else "tensorrt",
                 }

@@ -1,75 +1,244 @@
 """Quantized graphs to ONNX with explicit Q/DQ nodes, and the check of what a graph holds.
 
-ModelOpt's fake-quant layers export through torch's TorchScript exporter (torch.onnx.export with
-dynamo=False), where each enabled quantizer becomes a QuantizeLinear -> DequantizeLinear pair
-(INT8: standard ONNX ops, per-channel on the weights; FP8: TensorRT's TRT_FP8QuantizeLinear /
-TRT_FP8DequantizeLinear custom ops, which only TensorRT loads). This is the explicit-precision
-form TensorRT 10/11 builds strongly typed and ONNX Runtime runs with its INT8 kernels.
+A fake-quantized module (calibration/quantize.py) is written in two steps:
 
-Attention is exported as ONNX Runtime's fused MultiHeadAttention in float, as in every other
-export (export/models/attention.py, "mha": its CPU flash path keeps memory linear in the positions;
-`osdiff build` rewrites it into the plain pattern TensorRT fuses). ModelOpt's quantizers sit on the
-convolutions and linear layers around it, never inside it.
+1. Its float graph, exported as the fp32 export writes every graph (export/onnx_export.py
+   `export_graph`: torch's dynamo exporter, attention as ONNX Runtime's fused MultiHeadAttention
+   in float), with the quantizers switched off. SmoothQuant's scaled weights and its per-channel
+   input scale (a Mul) stay, as the quantized module computes them.
+2. A QuantizeLinear -> DequantizeLinear pair where each enabled quantizer sits, with the scale
+   ModelOpt's own ONNX export writes (modelopt/torch/quantization/export_onnx.py: INT8 amax / 127,
+   zero point 0; FP8 E4M3 amax / 448 as TensorRT's TRT_FP8QuantizeLinear/TRT_FP8DequantizeLinear,
+   custom ops only TensorRT loads): on the input and weight of every quantized layer, and on the
+   output of the INT8 convolutions. A node's layer is the module path the exporter records on it
+   ("pkg.torch.onnx.name_scopes").
+
+Why not ModelOpt's own export (torch's TorchScript exporter tracing the fake-quant modules)? For
+the full-size denoiser (1.2 G parameters) it held over 20 GB and had not finished on a 24 GB
+machine; step 1 is the fp32 export, which writes the whole full-size model in about 8 GB. The
+two write the same Q/DQ pairs (tests/test_calibration.py runs both in ONNX Runtime).
+
+INT8 weights are stored as int8 (per output channel, zero point 0, rounded as ModelOpt's fake
+quantization rounds them) behind a DequantizeLinear, a quarter of the fp32 bytes; FP8 weights stay
+float32 behind their Q/DQ pair, as ModelOpt writes them. This is the explicit-precision form
+TensorRT 10/11 builds strongly typed and ONNX Runtime runs with its INT8 kernels.
+
+A quantized layer whose inputs are all constants (the timestep embedding's first Linear: OSDiff
+decodes at one fixed t) is folded into a constant by the exporter and computes in float;
+`export_qdq` returns these layers.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
+import numpy as np
 import onnx
 import torch
+from onnx import helper, numpy_helper
 from torch import nn
 
+from osdiff.calibration.quantize import LAYER_TYPES
 from osdiff.config import ModelConfig
-from osdiff.export.model import graph_shapes
-from osdiff.export.models.attention import export_form, register_torchscript_symbolic
+from osdiff.export.onnx_export import EXTERNAL_DATA_BYTES, export_graph
 
-OPSET = 18  # as export/onnx_export.py: QuantizeLinear/DequantizeLinear with per-axis scales
 ATTENTION_FORM = "mha"  # the manifest's word for it, as export/onnx_export.py writes it
-
-
-def export_qdq(module: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
-               path: str | Path) -> None:
-    """Write a fake-quantized graph (calibration/quantize.py) to `path`: float32 inputs and
-    outputs, batch, height and width dynamic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    m = cfg.pad_multiple
-    shapes = graph_shapes(cfg, graph, 2, 2 * m, 3 * m)
-    args = tuple(torch.randn(shapes[i]) for i in inputs)
-    dynamic = {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in inputs + outputs}
-    register_torchscript_symbolic()
-    # The TorchScript exporter runs its graph lint (a consistency check of the traced graph that
-    # no later step needs) ten times, and on a fake-quantized graph, thousands of nodes, those
-    # runs are half the export (tiny model's denoiser: 17.7 of 38 s). The ONNX checker below
-    # still checks what is written. A private hook: where a torch lacks it, the lint just runs.
-    no_lint = (mock.patch.object(torch._C, "_jit_pass_lint", lambda graph: None) if hasattr(torch._C, "_jit_pass_lint")
-               else contextlib.nullcontext())
-    with export_form(ATTENTION_FORM), torch.no_grad(), warnings.catch_warnings(), no_lint:
-        warnings.simplefilter("ignore")  # tracer warnings about Python values taken as constants
-        # no constant folding: every weight keeps its parameter's name (which qdq_layers reads);
-        # ONNX Runtime and Polygraphy fold the constants when they load the graph
-        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=OPSET, input_names=list(inputs),
-                          output_names=list(outputs), dynamic_axes=dynamic, do_constant_folding=False)
-    model = onnx.load(str(path))
-    if not any(n.domain == "trt" for n in model.graph.node):  # the checker knows no TensorRT ops
-        onnx.checker.check_model(model, full_check=False)
-
+TRT_DOMAIN = "trt"  # TensorRT's custom FP8 Q/DQ ops, as ModelOpt names them
 
 _QUANT_OPS = ("QuantizeLinear", "TRT_FP8QuantizeLinear")
 _DEQUANT_OPS = ("DequantizeLinear", "TRT_FP8DequantizeLinear")
 _LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_ROLES = ("input", "weight", "output")
+
+
+def export_qdq(q: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
+               path: str | Path) -> list[str]:
+    """Write a fake-quantized graph (calibration/quantize.py `quantize`) to `path` (and
+    `path`.data where its weights exceed 1.8 GB): float32 inputs and outputs, batch, height and
+    width dynamic, Q/DQ as the module docstring says. Returns the quantized layers the exporter
+    folded into constants (they compute in float). Raises ValueError where a quantized layer
+    cannot be found in the graph."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantizers = enabled_quantizers(q)
+    with switched_off([t for roles in quantizers.values() for t in roles.values()]):
+        export_graph(cfg, graph, q, inputs, outputs, path, half=False, attention=ATTENTION_FORM)
+    model = onnx.load(str(path))
+    folded = insert_qdq(model, quantizers)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    big = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data.name)
+    if not any(n.domain == TRT_DOMAIN for n in model.graph.node):  # the checker knows no TensorRT ops
+        onnx.checker.check_model(str(path), full_check=False)
+    return folded
+
+
+def enabled_quantizers(q: nn.Module) -> dict[str, dict[str, nn.Module]]:
+    """layer -> {"input" | "weight" | "output": its enabled ModelOpt TensorQuantizer}, for every
+    quantized layer of `q`."""
+    out: dict[str, dict[str, nn.Module]] = {}
+    for name, m in q.named_modules():
+        if not isinstance(m, LAYER_TYPES):
+            continue
+        roles = {r: t for r in _ROLES if (t := getattr(m, f"{r}_quantizer", None)) is not None and t.is_enabled}
+        if roles:
+            out[name] = roles
+    return out
+
+
+@contextlib.contextmanager
+def switched_off(quantizers: list[nn.Module]) -> Iterator[None]:
+    """The quantizers pass their inputs through (but for SmoothQuant's input scale, which a
+    disabled ModelOpt quantizer still applies) until the `with` block ends."""
+    for t in quantizers:
+        t.disable()
+    try:
+        yield
+    finally:
+        for t in quantizers:
+            t.enable()
+
+
+def layer_of(node: onnx.NodeProto) -> str | None:
+    """The module path of the layer a node was exported from ("decoder.up.1.upsample.conv"), from
+    the dynamo exporter's record of the module calls around it; None where the node has none."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(p.value)  # a Python list of strings: [..., module, op]
+            return str(scopes[-2]) if len(scopes) >= 2 else None
+    return None
+
+
+def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module]]) -> list[str]:
+    """Insert, in place, the Q/DQ pairs of `quantizers` (from `enabled_quantizers`) into the
+    float graph `model` exported from the same module with the quantizers off. Returns the layers
+    of `quantizers` that no node of the graph belongs to (folded into constants by the exporter).
+    Raises ValueError where a layer's weight is not an initializer, or its per-channel scales do not
+    match the weight's output channels, or a layer named in the graph has no node to quantize."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    if any(t.num_bits != 8 for roles in quantizers.values() for t in roles.values()):
+        if TRT_DOMAIN not in {o.domain for o in model.opset_import}:
+            model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
+    nodes: list[onnx.NodeProto] = []
+    named: set[str] = set()
+    dropped: set[str] = set()
+
+    def constant(name: str, value: np.ndarray | np.generic) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def pair(x: str, t: nn.Module, name: str, out: str | None = None) -> str:
+        """Q -> DQ of activation `x` on quantizer `t`'s grid (per tensor); returns the dequantized
+        tensor's name (`out` where given)."""
+        amax = float(t.export_amax().detach().float().reshape(-1)[0])
+        out = out or f"{name}.dequantized"
+        if t.num_bits == 8:
+            scale = constant(f"{name}.scale", np.float32(amax / 127))
+            zero = constant(f"{name}.zero_point", np.int8(0))
+            nodes.append(helper.make_node("QuantizeLinear", [x, scale, zero], [f"{name}.quantized"], f"{name}/Q"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}.quantized", scale, zero], [out], f"{name}/DQ"))
+        else:  # FP8 E4M3, per tensor, the scale as ModelOpt computes it
+            scale = constant(f"{name}.scale", np.float32(1.0 / (448.0 / amax)))
+            nodes.append(helper.make_node("TRT_FP8QuantizeLinear", [x, scale], [f"{name}.quantized"], f"{name}/Q",
+                                          domain=TRT_DOMAIN))
+            nodes.append(helper.make_node("TRT_FP8DequantizeLinear", [f"{name}.quantized", scale], [out],
+                                          f"{name}/DQ", domain=TRT_DOMAIN))
+        return out
+
+    def int8_weight(node: onnx.NodeProto, t: nn.Module, name: str) -> str:
+        """The weight of `node` stored as int8 behind a DequantizeLinear; returns the dequantized
+        tensor's name."""
+        w_name = node.input[1]
+        if w_name not in inits:
+            raise ValueError(f"{name}: its {node.op_type} weight {w_name!r} is not an initializer of the graph")
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        axis = _output_axis(node, w.ndim)
+        amax = t.export_amax().detach().float().reshape(-1).numpy()
+        if w.shape[axis] != amax.size:
+            raise ValueError(f"{name}: {amax.size} weight scales for {w.shape[axis]} output channels "
+                             f"(weight {list(w.shape)}, axis {axis})")
+        shape = [1] * w.ndim
+        shape[axis] = amax.size
+        live = amax > 2.0 ** -24  # ModelOpt quantizes a channel with amax 0 to zeros
+        # as ModelOpt's fake quantization rounds: round(w * 127 / amax), clamped to [-128, 127]
+        step = np.divide(127.0, amax, out=np.zeros_like(amax), where=live).reshape(shape)
+        graph.initializer.append(numpy_helper.from_array(np.clip(np.round(w * step), -128, 127).astype(np.int8),
+                                                         f"{name}.int8"))
+        scale = constant(f"{name}.scale", np.where(live, amax / 127, 1.0).astype(np.float32))
+        zero = constant(f"{name}.zero_point", np.zeros(amax.size, np.int8))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.int8", scale, zero], [f"{name}.dequantized"],
+                                      f"{name}/DQ", axis=axis))
+        readers[w_name] -= 1
+        if readers[w_name] == 0:
+            dropped.add(w_name)
+        return f"{name}.dequantized"
+
+    calls: dict[str, int] = {}
+    for node in graph.node:
+        layer = layer_of(node)
+        roles = quantizers.get(layer) if layer is not None else None
+        if not roles:
+            nodes.append(node)
+            continue
+        named.add(layer)
+        if node.op_type not in _LAYER_OPS:
+            nodes.append(node)
+            continue
+        calls[layer] = calls.get(layer, 0) + 1
+        key = layer if calls[layer] == 1 else f"{layer}#{calls[layer]}"  # a layer called twice
+        if "input" in roles:
+            node.input[0] = pair(node.input[0], roles["input"], f"{key}.input")
+        if "weight" in roles:
+            t = roles["weight"]
+            node.input[1] = (int8_weight(node, t, f"{key}.weight") if t.num_bits == 8
+                             else pair(node.input[1], t, f"{key}.weight"))
+        nodes.append(node)
+        if "output" in roles:
+            # the DQ takes over the layer's output name: every reader (or the graph output) reads it
+            out = node.output[0]
+            node.output[0] = f"{key}.output.float"
+            pair(node.output[0], roles["output"], f"{key}.output", out=out)
+    found = set(calls)
+    missing = named - found
+    if missing:
+        raise ValueError(f"no Conv/ConvTranspose/MatMul/Gemm node of {sorted(missing)[:3]} to quantize: the graph "
+                         "holds them in a form this exporter does not know")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if dropped:
+        kept = [i for i in graph.initializer if i.name not in dropped]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return sorted(set(quantizers) - found)
+
+
+def _output_axis(node: onnx.NodeProto, ndim: int) -> int:
+    """The axis of a layer's weight that holds its output channels."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return ndim - 1  # MatMul: x @ W, W is in x out
 
 
 def qdq_layers(path: str | Path) -> dict[str, dict[str, bool]]:
-    """Per layer of an ONNX graph (a Conv, ConvTranspose, MatMul or Gemm whose weight is a
-    parameter, named by the parameter's module path, e.g. "decoder.up.1.block.0.conv1"):
-    whether its input and its weight come through a DequantizeLinear, and whether its output
-    goes into a QuantizeLinear. Nodes whose second operand is computed are listed under their
-    node name, with weight False."""
+    """Per layer of an ONNX graph (a Conv, ConvTranspose, MatMul or Gemm node, named by the
+    module it was exported from, e.g. "decoder.up.1.block.0.conv1", or by the node's name where the
+    exporter recorded none): whether its input and its weight come through a DequantizeLinear, and
+    whether its output goes into a QuantizeLinear. A node whose weight is computed (attention's
+    own products) says weight False."""
     model = onnx.load(str(path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -88,10 +257,8 @@ def qdq_layers(path: str | Path) -> dict[str, dict[str, bool]]:
         while name not in params and name in producer and producer[name].op_type in _WEIGHT_PATH_OPS:
             dq_weight |= producer[name].op_type in _DEQUANT_OPS
             name = producer[name].input[0]
-        if name in params and name.endswith(".weight"):
-            out[name.removesuffix(".weight")] = {"input": dq_input, "weight": dq_weight, "output": q_output}
-        else:
-            out[n.name] = {"input": dq_input, "weight": False, "output": q_output}
+        layer = layer_of(n) or n.name
+        out[layer] = {"input": dq_input, "weight": dq_weight and name in params, "output": q_output}
     return out
 
 
@@ -109,6 +276,7 @@ _WEIGHT_PATH_OPS = (*_QUANT_OPS, *_DEQUANT_OPS, "Transpose", "Cast", "Identity")
 
 
 def count_qdq(path: str | Path) -> int:
-    """Number of QuantizeLinear nodes (of either kind) in an ONNX graph."""
+    """Number of DequantizeLinear nodes (of either kind) in an ONNX graph: one per quantized
+    tensor (an INT8 weight is stored quantized, behind a DequantizeLinear alone)."""
     model = onnx.load(str(path), load_external_data=False)
-    return sum(n.op_type in _QUANT_OPS for n in model.graph.node)
+    return sum(n.op_type in _DEQUANT_OPS for n in model.graph.node)

@@ -114,7 +114,7 @@ def export_onnx(model: OSDiffModel, out_dir: str | Path, fp16: bool = True,
             t0 = time.perf_counter()
             path = out / precision / f"{name}.onnx"
             path.parent.mkdir(exist_ok=True)
-            attentions = _export_graph(cfg, name, module, g.inputs, g.outputs, path, precision == "fp16", attention)
+            attentions = export_graph(cfg, name, module, g.inputs, g.outputs, path, precision == "fp16", attention)
             entry[precision] = {"file": str(path.relative_to(out)), "sha256": _sha256(path)}
             if attentions:
                 entry["attention"] = attention
@@ -134,9 +134,15 @@ def export_onnx(model: OSDiffModel, out_dir: str | Path, fp16: bool = True,
     return manifest
 
 
-def _export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[str, ...],
-                  outputs: tuple[str, ...], path: Path, half: bool, attention: str) -> int:
-    """Export one graph to `path`; returns how many attention operations it has."""
+# weights beyond this go to a side file: one protobuf holds 2 GB at most
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[str, ...],
+                 outputs: tuple[str, ...], path: Path, half: bool, attention: str) -> int:
+    """Export one graph to `path` (torch's dynamo exporter; weights over 1.8 GB go to
+    `path`.data); returns how many attention operations it has. Every node keeps the module path
+    the exporter records ("pkg.torch.onnx.name_scopes"), which calibration/qdq_export.py reads."""
     shapes = graph_shapes(cfg, name, _TRACE_BATCH, _TRACE_H * cfg.pad_multiple // 64, _TRACE_W * cfg.pad_multiple // 64)
     args = tuple(torch.randn(shapes[i]) for i in inputs)
     auto = torch.export.Dim.AUTO
@@ -153,7 +159,7 @@ def _export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[
     for f in (path, path.with_name(path.name + ".data")):
         f.unlink(missing_ok=True)
     # weights go to a side file only when the graph cannot hold them (2 GB protobuf limit)
-    big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=big)
     graph = onnx.load(str(path), load_external_data=False)
     count = sum(n.op_type == "MultiHeadAttention" and n.domain == MHA_DOMAIN for n in graph.graph.node)

@@ -77,7 +77,7 @@ def test_every_third_image_validates_whole_and_sets_no_range(tmp_path):
     with pytest.raises(CalibrationError, match="im5.png: 100x300 is 100x300, smaller than the 128x128 calibration crop"):
         load_calibration_set([tmp_path], 128, measure_size=450)
     _save(tmp_path / "im5.png", _noise(5, 150, 1200))  # large enough, until scaled to the measure size
-    with pytest.raises(CalibrationError, match="im5.png: 150x1200 \(scaled to --measure-size 450\) is 56x450, "
+    with pytest.raises(CalibrationError, match=r"im5.png: 150x1200 \(scaled to --measure-size 450\) is 56x450, "
                                                "smaller than the 128x128"):
         load_calibration_set([tmp_path], 128, measure_size=450)
 
@@ -289,8 +289,9 @@ def tiny_calibrated(tiny_model, tiny_export, tiny_crops, tiny_validation, tmp_pa
 def test_tiny_qdq_on_quantized_layers_none_on_skipped_or_entropy_graphs(tiny_calibrated, tiny_model, tiny_validation):
     """Every quantized layer: Q/DQ on its input and weight, and a QuantizeLinear on the output of
     each Conv (what ONNX Runtime needs for QLinearConv); no Q/DQ at all on the skipped blocks'
-    layers, nor in any graph of the entropy model. The manifest names the validation picture
-    the loss was measured on."""
+    layers, nor in any graph of the entropy model. The only layers the exporter computes into
+    constants (float) are the timestep embedding's first Linears, whose input is the fixed t, and
+    the manifest lists them. The manifest names the validation picture the loss was measured on."""
     from osdiff.calibration.qdq_export import count_qdq, qdq_layers
 
     out, result = tiny_calibrated
@@ -303,8 +304,13 @@ def test_tiny_qdq_on_quantized_layers_none_on_skipped_or_entropy_graphs(tiny_cal
         module = graphs[g].module
         found = qdq_layers(out / manifest["graphs"][g]["int8"]["file"])
         skipped = {layer for b in TINY_SKIP.get(g, []) for layer in blocks(module)[b]}
+        constant = manifest["graphs"][g]["int8"]["constant_layers"]
+        assert constant == (["control.control_model.time_embed.0", "unet.time_embed.0"] if g == "denoiser" else [])
         for name, layer in module.named_modules():
             if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                continue
+            if name in constant:
+                assert name not in found
                 continue
             assert name in found, f"{g}: {name} not found in the ONNX graph"
             want = name not in skipped
@@ -623,6 +629,82 @@ def test_onnx_runtime_quantizes_a_layer_as_modelopt_does(layer, tmp_path):
     diff = (got - want).abs()
     assert diff.max() <= step * 1.001, f"{diff.max() / step:.3f} output steps apart"
     assert (diff > step / 2).float().mean() < 0.01
+
+
+class _Toy(torch.nn.Module):
+    """The layer kinds the heavy graphs have, in the orders they have them: a convolution into
+    GroupNorm and SiLU, a residual, a transposed convolution, Linear layers on a token sequence
+    (SmoothQuant scales their inputs), a 1x1 convolution out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(4, 32, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(8, 32)
+        self.conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1)
+        self.proj = torch.nn.Linear(32, 32)
+        self.ff = torch.nn.Linear(32, 64)
+        self.conv_out = torch.nn.Conv2d(64, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        h = self.up(self.conv(torch.nn.functional.silu(self.norm(h))) + h)
+        b, c, height, width = h.shape
+        t = self.ff(self.proj(h.flatten(2).transpose(1, 2)))
+        return self.conv_out(t.transpose(1, 2).reshape(b, 64, height, width))
+
+
+@needs_modelopt
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_qdq_export_writes_what_modelopts_own_export_writes(precision, tmp_path):
+    """Our Q/DQ export (the float graph from torch's dynamo exporter, Q/DQ pairs inserted at the
+    quantizers: calibration/qdq_export.py) against ModelOpt's own ONNX export of the same
+    fake-quantized module (torch's TorchScript exporter). INT8: ONNX Runtime computes the same bits
+    from both. FP8 (TensorRT's ops, which ONNX Runtime cannot run): the same scales on the same
+    number of Q/DQ pairs. Both: every layer has Q/DQ on its input and weight, the INT8
+    convolutions on their output too, and nothing is folded away."""
+    import warnings
+
+    import onnxruntime as ort
+
+    from osdiff.calibration.qdq_export import enabled_quantizers, insert_qdq, qdq_layers, switched_off
+    from osdiff.calibration.quantize import Recipe, quantize
+    from osdiff.runtime.backends.onnxruntime_int8 import inference_session, uint8_activations
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 12, 12)
+    q = quantize(_Toy().eval(), [(x,), (torch.randn(2, 4, 12, 12),)], Recipe.fp8() if precision == "fp8" else Recipe())
+    quantizers = enabled_quantizers(q)
+    assert q.proj.input_quantizer.pre_quant_scale is not None or precision == "fp8"  # SmoothQuant's Mul is exported
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(q, (x,), str(tmp_path / "modelopt.onnx"), dynamo=False, opset_version=18, input_names=["x"])
+        with switched_off([t for roles in quantizers.values() for t in roles.values()]):
+            ours = torch.onnx.export(q, (x,), dynamo=True, opset_version=18, input_names=["x"], verbose=False).model_proto
+    assert insert_qdq(ours, quantizers) == []
+    onnx.save(ours, str(tmp_path / "ours.onnx"))
+    int8 = precision == "int8"
+    assert qdq_layers(tmp_path / "ours.onnx") == {
+        name: {"input": True, "weight": True, "output": int8 and isinstance(m, torch.nn.Conv2d)}
+        for name, m in _Toy().named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))}
+    if int8:
+        cpu = ["CPUExecutionProvider"]
+        sessions = [ort.InferenceSession(str(tmp_path / f), providers=cpu) for f in ("modelopt.onnx", "ours.onnx")]
+        sessions.append(inference_session(tmp_path / "ours.onnx", ort.SessionOptions(), cpu))  # uint8 activations
+        got = [s.run(None, {"x": x.numpy()})[0] for s in sessions]
+        assert np.array_equal(got[0], got[1]) and np.array_equal(got[1], got[2])
+        # the uint8 rewrite leaves no int8 zero point unread (ONNX Runtime warns of each one)
+        uint8_activations(ours)
+        read = {i for n in ours.graph.node for i in n.input}
+        assert [i.name for i in ours.graph.initializer if i.name not in read] == []
+        return
+    theirs = onnx.load(str(tmp_path / "modelopt.onnx"))
+    constants = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in theirs.graph.node if n.op_type == "Constant"}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in ours.graph.initializer}
+    scales = [sorted(float(table[n.input[1]]) for n in model.graph.node if n.op_type == "TRT_FP8QuantizeLinear")
+              for model, table in ((theirs, constants), (ours, inits))]
+    assert len(scales[0]) == 2 * len(quantizers)
+    np.testing.assert_allclose(scales[1], scales[0], rtol=1e-6)
 
 
 @pytest.mark.slow

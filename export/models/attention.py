@@ -197,22 +197,6 @@ def onnx_translation() -> dict:
     return {torch.ops.osdiff.attention.default: multi_head_attention}
 
 
-def register_torchscript_symbolic() -> None:
-    """Make torch.onnx.export(dynamo=False), the TorchScript exporter that ModelOpt's Q/DQ export
-    uses (calibration/qdq_export.py), write osdiff::attention as the same MultiHeadAttention node
-    as onnx_translation(). Registering twice is harmless."""
-    from torch.onnx import register_custom_op_symbolic
-    from torch.onnx.symbolic_helper import parse_args
-
-    @parse_args("v", "v", "v", "i", "f")
-    def multi_head_attention(g, q, k, v, heads, scale):  # type: ignore[no-untyped-def]
-        out = g.op(f"{MHA_DOMAIN}::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
-        out.setType(q.type())
-        return out
-
-    register_custom_op_symbolic("osdiff::attention", multi_head_attention, 1)
-
-
 def plain_attention(model: onnx.ModelProto) -> int:
     """Rewrite every com.microsoft.MultiHeadAttention node of `model` (in place) into the
     standard pattern: split heads, MatMul(q, k^T), Mul(scale), Softmax, MatMul(., v), merge

@@ -74,8 +74,14 @@ def uint8_activations(model: onnx.ModelProto, folder: str | Path = "") -> int:
     if changed:
         graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), _ZERO_POINT))
         outputs = {n.output[0] for n in changed if n.op_type == "QuantizeLinear"}
+        replaced = {n.input[2] for n in changed}
         for n in changed:
             n.input[2] = _ZERO_POINT
+        # int8 zero points nothing reads now: ORT would warn about each one at load
+        read = {i for n in graph.node for i in n.input}
+        kept_initializers = [i for i in graph.initializer if i.name not in replaced or i.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_initializers)
         # a recorded int8 type of a rewritten Q's output would contradict it: let ORT infer it
         kept = [v for v in graph.value_info if v.name not in outputs]
         del graph.value_info[:]
