@@ -633,7 +633,8 @@ def test_onnx_runtime_quantizes_a_layer_as_modelopt_does(layer, tmp_path):
 
 class _Toy(torch.nn.Module):
     """The layer kinds the heavy graphs have, in the orders they have them: a convolution into
-    GroupNorm and SiLU, a residual, a transposed convolution, Linear layers on a token sequence
+    GroupNorm and SiLU, a residual, a transposed convolution, nearest upsampling into a
+    convolution (the VAE decoder's and UNet's upsamplers), Linear layers on a token sequence
     (SmoothQuant scales their inputs), a 1x1 convolution out."""
 
     def __init__(self) -> None:
@@ -642,6 +643,7 @@ class _Toy(torch.nn.Module):
         self.norm = torch.nn.GroupNorm(8, 32)
         self.conv = torch.nn.Conv2d(32, 32, 3, padding=1)
         self.up = torch.nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1)
+        self.conv_up = torch.nn.Conv2d(32, 32, 3, padding=1)
         self.proj = torch.nn.Linear(32, 32)
         self.ff = torch.nn.Linear(32, 64)
         self.conv_out = torch.nn.Conv2d(64, 4, 1)
@@ -649,6 +651,7 @@ class _Toy(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         h = self.up(self.conv(torch.nn.functional.silu(self.norm(h))) + h)
+        h = self.conv_up(torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")) + h.mean()
         b, c, height, width = h.shape
         t = self.ff(self.proj(h.flatten(2).transpose(1, 2)))
         return self.conv_out(t.transpose(1, 2).reshape(b, 64, height, width))
@@ -662,7 +665,9 @@ def test_qdq_export_writes_what_modelopts_own_export_writes(precision, tmp_path)
     fake-quantized module (torch's TorchScript exporter). INT8: ONNX Runtime computes the same bits
     from both. FP8 (TensorRT's ops, which ONNX Runtime cannot run): the same scales on the same
     number of Q/DQ pairs. Both: every layer has Q/DQ on its input and weight, the INT8
-    convolutions on their output too, and nothing is folded away."""
+    convolutions on their output too, and nothing is folded away. INT8's nearest upsampling is
+    quantized before it too (the same grid: no bit changes), so that ONNX Runtime resizes 8-bit
+    data."""
     import warnings
 
     import onnxruntime as ort
@@ -685,12 +690,18 @@ def test_qdq_export_writes_what_modelopts_own_export_writes(precision, tmp_path)
     onnx.save(ours, str(tmp_path / "ours.onnx"))
     int8 = precision == "int8"
     assert qdq_layers(tmp_path / "ours.onnx") == {
-        name: {"input": True, "weight": True, "output": int8 and isinstance(m, torch.nn.Conv2d)}
+        # INT8: `up`'s output is quantized by conv_up's input quantizer, in front of the upsampling
+        name: {"input": True, "weight": True, "output": int8 and (isinstance(m, torch.nn.Conv2d) or name == "up")}
         for name, m in _Toy().named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))}
     if int8:
         cpu = ["CPUExecutionProvider"]
         sessions = [ort.InferenceSession(str(tmp_path / f), providers=cpu) for f in ("modelopt.onnx", "ours.onnx")]
-        sessions.append(inference_session(tmp_path / "ours.onnx", ort.SessionOptions(), cpu))  # uint8 activations
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")  # what ORT runs
+        sessions.append(inference_session(tmp_path / "ours.onnx", options, cpu))  # uint8 activations
+        optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+        producer = {o: n.op_type for n in optimized for o in n.output}
+        assert [producer[n.input[0]] for n in optimized if n.op_type == "Resize"] == ["QuantizeLinear"]
         got = [s.run(None, {"x": x.numpy()})[0] for s in sessions]
         assert np.array_equal(got[0], got[1]) and np.array_equal(got[1], got[2])
         # the uint8 rewrite leaves no int8 zero point unread (ONNX Runtime warns of each one)
