@@ -37,7 +37,7 @@ from torch import nn
 from osdiff.calibration.images import CalibrationImage
 from osdiff.calibration.pipeline import CalibrationRun, Recorded, decode_with, latent_error, quality, run_fp32
 from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS
-from osdiff.calibration.qdq_export import ATTENTION_FORM, count_qdq, export_qdq
+from osdiff.calibration.qdq_export import ATTENTION_FORM, count_dequantize, export_qdq
 from osdiff.calibration.quantize import (Recipe, blocks, folded, keep_float, modelopt_version, partly_quantized,
                                          quantize)
 from osdiff.export.model import OSDiffModel
@@ -193,11 +193,11 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
         # that graph alone: it runs on the fp32 run's inputs for it, in order (decode_with)
         recorded = Recorded(folded(q))
         alone, _ = decode_with(model, measured, {g: recorded})
-        per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path), "qdq_pairs": count_qdq(path),
+        per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path), "dequantize_nodes": count_dequantize(path),
                         "constant_layers": constant,
                         "quality": quality(alone, measured.decoded, originals),
                         "latent_error": latent_error(recorded.outputs, graphs[g].module, measured.inputs[g])}
-        echo(f"{precision} {g}: wrote {path} ({per_graph[g]['qdq_pairs']} Q/DQ pairs)")
+        echo(f"{precision} {g}: wrote {path} ({per_graph[g]['dequantize_nodes']} DequantizeLinear nodes)")
     result = PrecisionResult(precision, recipe.describe(), skipped, sensitivity, per_graph, end_to_end, ok, registered,
                              time.perf_counter() - t0, quantized)
     echo(verdict(result))

@@ -15,17 +15,22 @@ A fake-quantized module (calibration/quantize.py) is written in two steps:
 
 Why not ModelOpt's own export (torch's TorchScript exporter tracing the fake-quant modules)? For
 the full-size denoiser (1.2 G parameters) it held over 20 GB and had not finished on a 24 GB
-machine; step 1 is the fp32 export, which writes the whole full-size model in about 8 GB. The
-two write the same Q/DQ pairs (tests/test_calibration.py runs both in ONNX Runtime).
+machine; step 1 is the fp32 export, which writes the whole full-size model in about 8 GB. ONNX
+Runtime computes the same bits from both (tests/test_calibration.py, a toy graph of every layer
+kind). Where this export differs from ModelOpt's, on purpose:
 
-INT8 weights are stored as int8 (per output channel, zero point 0, rounded as ModelOpt's fake
-quantization rounds them) behind a DequantizeLinear, a quarter of the fp32 bytes; FP8 weights stay
-float32 behind their Q/DQ pair, as ModelOpt writes them. This is the explicit-precision form
-TensorRT 10/11 builds strongly typed and ONNX Runtime runs with its INT8 kernels.
+- INT8 weights are stored as int8 (per output channel, zero point 0, rounded as ModelOpt's fake
+  quantization rounds them) behind a DequantizeLinear alone, where ModelOpt writes the float32
+  weight -> Q -> DQ: a quarter of the bytes, the same values. (FP8 weights stay float32 behind
+  their pair, as ModelOpt writes them.)
+- An INT8 layer reading a nearest upsampling gets a second pair of its input quantizer in front of
+  the upsampling (nearest copies values: no bit changes), so that ONNX Runtime resizes 8-bit data.
+- A quantized layer whose inputs are all constants (the timestep embedding's first Linear: OSDiff
+  decodes at one fixed t) is computed into a constant by the exporter and stays float;
+  `export_qdq` checks that their inputs are indeed constant and returns these layers.
 
-A quantized layer whose inputs are all constants (the timestep embedding's first Linear: OSDiff
-decodes at one fixed t) is folded into a constant by the exporter and computes in float;
-`export_qdq` returns these layers.
+This is the explicit-precision form TensorRT 10/11 builds strongly typed and ONNX Runtime runs
+with its INT8 kernels.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from torch import nn
 
 from osdiff.calibration.quantize import LAYER_TYPES
 from osdiff.config import ModelConfig
+from osdiff.export.model import graph_shapes
 from osdiff.export.onnx_export import EXTERNAL_DATA_BYTES, export_graph
 
 ATTENTION_FORM = "mha"  # the manifest's word for it, as export/onnx_export.py writes it
@@ -52,6 +58,8 @@ _QUANT_OPS = ("QuantizeLinear", "TRT_FP8QuantizeLinear")
 _DEQUANT_OPS = ("DequantizeLinear", "TRT_FP8DequantizeLinear")
 _LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _ROLES = ("input", "weight", "output")
+# what lies between a parameter and the layer that uses it
+_WEIGHT_PATH_OPS = (*_QUANT_OPS, *_DEQUANT_OPS, "Transpose", "Cast", "Identity")
 
 
 def export_qdq(q: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
@@ -59,15 +67,24 @@ def export_qdq(q: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ..
     """Write a fake-quantized graph (calibration/quantize.py `quantize`) to `path` (and
     `path`.data where its weights exceed 1.8 GB): float32 inputs and outputs, batch, height and
     width dynamic, Q/DQ as the module docstring says. Returns the quantized layers the exporter
-    folded into constants (they compute in float). Raises ValueError where a quantized layer
-    cannot be found in the graph."""
+    computed into constants (their inputs do not depend on the graph's: they stay float). Raises
+    ValueError where a quantized layer whose input does depend on the graph's is not found in
+    the exported graph (the exporter's record of module paths does not match `q`'s), and what
+    `insert_qdq` raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     quantizers = enabled_quantizers(q)
-    with switched_off([t for roles in quantizers.values() for t in roles.values()]):
+    off = [t for roles in quantizers.values() for t in roles.values()]
+    with switched_off(off):
         export_graph(cfg, graph, q, inputs, outputs, path, half=False, attention=ATTENTION_FORM)
     model = onnx.load(str(path))
     folded = insert_qdq(model, quantizers)
+    with switched_off(off):
+        varying = _varying_inputs(q, cfg, graph, inputs, folded)
+    if varying:
+        raise ValueError(f"{graph}: quantized layers {varying[:3]} have no node in the exported graph, yet their "
+                         "inputs are not constant: the exporter's module paths (pkg.torch.onnx.name_scopes) do not "
+                         "match the module's, so their Q/DQ cannot be placed")
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     big = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
@@ -103,6 +120,26 @@ def switched_off(quantizers: list[nn.Module]) -> Iterator[None]:
             t.enable()
 
 
+def _varying_inputs(q: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ...], layers: list[str]) -> list[str]:
+    """Those of `layers` whose input differs between two random inputs of the graph."""
+    if not layers:
+        return []
+    m = cfg.pad_multiple
+    shapes = graph_shapes(cfg, graph, 1, m, m)
+    seen: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    hooks = [q.get_submodule(layer).register_forward_pre_hook(
+        lambda _, args, layer=layer: seen[layer].append(args[0].detach().clone())) for layer in layers]
+    try:
+        with torch.no_grad():
+            for seed in (1, 2):
+                generator = torch.Generator().manual_seed(seed)
+                q(*(torch.randn(shapes[i], generator=generator) for i in inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [layer for layer, xs in seen.items() if not all(torch.equal(xs[0], x) for x in xs[1:])]
+
+
 def layer_of(node: onnx.NodeProto) -> str | None:
     """The module path of the layer a node was exported from ("decoder.up.1.upsample.conv"), from
     the dynamo exporter's record of the module calls around it; None where the node has none."""
@@ -117,9 +154,14 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
     """Insert, in place, the Q/DQ pairs of `quantizers` (from `enabled_quantizers`) into the
     float graph `model` exported from the same module with the quantizers off. Returns the layers
     of `quantizers` that no node of the graph belongs to (folded into constants by the exporter).
-    Raises ValueError where a layer's weight is not an initializer, or its per-channel scales do not
-    match the weight's output channels, or a layer named in the graph has no node to quantize."""
+    Raises ValueError where no node of the graph records its module path (the dynamo exporter's
+    "pkg.torch.onnx.name_scopes"), a layer's weight is not an initializer, its per-channel scales
+    do not match the weight's output channels, or a layer named in the graph has no node to
+    quantize."""
     graph = model.graph
+    if quantizers and not any(layer_of(n) for n in graph.node):
+        raise ValueError("no node of the graph records the module it was exported from (pkg.torch.onnx.name_scopes): "
+                         "export it with torch's dynamo exporter (export/onnx_export.py export_graph)")
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {o.name: 1 for o in graph.output}
@@ -131,7 +173,8 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
             model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
     nodes: list[onnx.NodeProto] = []
     named: set[str] = set()
-    dropped: set[str] = set()
+    dropped: set[str] = set()  # float weights now stored int8
+    shared: dict[str, str] = {}
 
     def constant(name: str, value: np.ndarray | np.generic) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
@@ -140,6 +183,8 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
     def pair(x: str, t: nn.Module, name: str, out: str | None = None) -> str:
         """Q -> DQ of activation `x` on quantizer `t`'s grid (per tensor); returns the dequantized
         tensor's name (`out` where given)."""
+        # an activation range calibrated to 0 (a layer calibration never reached) exports as
+        # maxbound, scale 1, as in ModelOpt's own export; its fake quantization gave zeros
         amax = float(t.export_amax().detach().float().reshape(-1)[0])
         out = out or f"{name}.dequantized"
         if t.num_bits == 8:
@@ -159,6 +204,8 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
         """The weight of `node` stored as int8 behind a DequantizeLinear; returns the dequantized
         tensor's name."""
         w_name = node.input[1]
+        if w_name in shared:  # a layer called twice: one int8 copy
+            return shared[w_name]
         if w_name not in inits:
             raise ValueError(f"{name}: its {node.op_type} weight {w_name!r} is not an initializer of the graph")
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
@@ -169,7 +216,9 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
                              f"(weight {list(w.shape)}, axis {axis})")
         shape = [1] * w.ndim
         shape[axis] = amax.size
-        live = amax > 2.0 ** -24  # ModelOpt quantizes a channel with amax 0 to zeros
+        # as ModelOpt's fake quantization: a channel of amax at most 2^-24 quantizes to zeros
+        # (export_amax has already made an amax of 0 its maxbound; all-zero weights give zeros either way)
+        live = amax > 2.0 ** -24
         # as ModelOpt's fake quantization rounds: round(w * 127 / amax), clamped to [-128, 127]
         step = np.divide(127.0, amax, out=np.zeros_like(amax), where=live).reshape(shape)
         graph.initializer.append(numpy_helper.from_array(np.clip(np.round(w * step), -128, 127).astype(np.int8),
@@ -178,10 +227,9 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
         zero = constant(f"{name}.zero_point", np.zeros(amax.size, np.int8))
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}.int8", scale, zero], [f"{name}.dequantized"],
                                       f"{name}/DQ", axis=axis))
-        readers[w_name] -= 1
-        if readers[w_name] == 0:
-            dropped.add(w_name)
-        return f"{name}.dequantized"
+        dropped.add(w_name)
+        shared[w_name] = f"{name}.dequantized"
+        return shared[w_name]
 
     calls: dict[str, int] = {}
     for node in graph.node:
@@ -228,6 +276,7 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
                          "holds them in a form this exporter does not know")
     del graph.node[:]
     graph.node.extend(nodes)
+    dropped -= {i for n in nodes for i in n.input}  # a float weight something else still reads
     if dropped:
         kept = [i for i in graph.initializer if i.name not in dropped]
         del graph.initializer[:]
@@ -290,12 +339,10 @@ def attention_inputs(path: str | Path) -> list[list[str]]:
             for n in model.graph.node if n.op_type == "MultiHeadAttention"]
 
 
-# what lies between a parameter and the layer that uses it
-_WEIGHT_PATH_OPS = (*_QUANT_OPS, *_DEQUANT_OPS, "Transpose", "Cast", "Identity")
 
-
-def count_qdq(path: str | Path) -> int:
+def count_dequantize(path: str | Path) -> int:
     """Number of DequantizeLinear nodes (of either kind) in an ONNX graph: one per quantized
-    tensor (an INT8 weight is stored quantized, behind a DequantizeLinear alone)."""
+    tensor (an INT8 weight is stored quantized, behind a DequantizeLinear alone; a layer after a
+    nearest upsampling has two on its input)."""
     model = onnx.load(str(path), load_external_data=False)
     return sum(n.op_type in _DEQUANT_OPS for n in model.graph.node)

@@ -292,7 +292,7 @@ def test_tiny_qdq_on_quantized_layers_none_on_skipped_or_entropy_graphs(tiny_cal
     layers, nor in any graph of the entropy model. The only layers the exporter computes into
     constants (float) are the timestep embedding's first Linears, whose input is the fixed t, and
     the manifest lists them. The manifest names the validation picture the loss was measured on."""
-    from osdiff.calibration.qdq_export import count_qdq, qdq_layers
+    from osdiff.calibration.qdq_export import count_dequantize, qdq_layers
 
     out, result = tiny_calibrated
     manifest = json.loads((out / "manifest.json").read_text())
@@ -323,7 +323,7 @@ def test_tiny_qdq_on_quantized_layers_none_on_skipped_or_entropy_graphs(tiny_cal
         assert not any(v["input"] or v["output"] for k, v in found.items() if k not in quantizable_layers(module))
         assert skipped or g not in TINY_SKIP
     for name, entry in manifest["graphs"].items():
-        assert count_qdq(out / entry["fp32"]["file"]) == 0
+        assert count_dequantize(out / entry["fp32"]["file"]) == 0
         if name not in QUANTIZED_GRAPHS:
             assert "int8" not in entry, f"{name}: an entropy-model graph must stay fp32"
 
@@ -562,7 +562,7 @@ def _module(graph: str) -> torch.nn.Module:
 @pytest.mark.slow
 @needs_modelopt
 def test_qdq_on_every_quantized_layer_and_nowhere_else(calibrated, builtin):
-    from osdiff.calibration.qdq_export import count_qdq, qdq_layers
+    from osdiff.calibration.qdq_export import count_dequantize, qdq_layers
 
     out, result = calibrated
     manifest = json.loads((out / "manifest.json").read_text())
@@ -591,7 +591,7 @@ def test_qdq_on_every_quantized_layer_and_nowhere_else(calibrated, builtin):
         # attention's own MatMuls (under the attention module's path) stay float
         assert not any(v["input"] for k, v in found.items() if k not in quantizable_layers(graphs[g].module))
     for name, entry in manifest["graphs"].items():
-        assert count_qdq(out / entry["fp32"]["file"]) == 0
+        assert count_dequantize(out / entry["fp32"]["file"]) == 0
 
 
 @needs_modelopt
@@ -724,6 +724,74 @@ def test_qdq_export_writes_what_modelopts_own_export_writes(precision, tmp_path)
     np.testing.assert_allclose(scales[1], scales[0], rtol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def tiny_synthesis_int8(tiny_model):
+    """The tiny model's G_s and an INT8 fake-quantized copy (random inputs: the ranges do not
+    matter here), with one input to run it on."""
+    if importlib.util.find_spec("modelopt") is None:
+        pytest.skip("nvidia-modelopt is not installed (pip install -e '.[calibrate]')")
+    from osdiff.calibration.quantize import Recipe, quantize
+    from osdiff.export.model import graph_shapes
+
+    spec = tiny_model.graphs()["synthesis"]
+    shapes = graph_shapes(tiny_model.config, "synthesis", 1, 64, 128)
+    torch.manual_seed(0)
+    args = [tuple(torch.randn(shapes[i]) for i in spec.inputs) for _ in range(2)]
+    return spec, quantize(spec.module, args, Recipe()), args[0]
+
+
+def test_qdq_export_writes_weights_over_the_limit_to_one_side_file(tiny_model, tiny_synthesis_int8, tmp_path,
+                                                                   monkeypatch):
+    """With the limit for weights inside the graph lowered to 0 (a full-size denoiser's are over
+    protobuf's 2 GB), the float export and the Q/DQ graph written from it both go to external
+    data: the Q/DQ graph's weights lie in <graph>.onnx.data alone (the float export's replaced, no
+    other file), and ONNX Runtime, through the backends' loader, computes the same bits from it as
+    from the graph written whole."""
+    import onnxruntime as ort
+    from onnx.external_data_helper import uses_external_data
+
+    from osdiff.calibration import qdq_export
+    from osdiff.export import onnx_export
+    from osdiff.runtime.backends.onnxruntime_int8 import inference_session
+
+    spec, q, x = tiny_synthesis_int8
+    whole, side = tmp_path / "whole" / "synthesis.onnx", tmp_path / "side" / "synthesis.onnx"
+    qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, spec.outputs, whole)
+    monkeypatch.setattr(qdq_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, spec.outputs, side)
+    assert sorted(p.name for p in whole.parent.iterdir()) == ["synthesis.onnx"]
+    assert sorted(p.name for p in side.parent.iterdir()) == ["synthesis.onnx", "synthesis.onnx.data"]
+    graph = onnx.load(str(side), load_external_data=False).graph
+    assert any(uses_external_data(i) and i.name.endswith(".weight.int8") for i in graph.initializer)
+    feeds = {n: a.numpy() for n, a in zip(spec.inputs, x)}
+    outs = [inference_session(p, ort.SessionOptions(), ["CPUExecutionProvider"]).run(None, feeds)[0]
+            for p in (whole, side)]
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_qdq_export_refuses_quantized_layers_it_cannot_place(tiny_model, tiny_export, tiny_synthesis_int8, tmp_path,
+                                                             monkeypatch):
+    """A quantized layer that no node of the exported graph names would silently stay float
+    (here every module path reads back with a prefix, as a wrapper around the module would give):
+    export_qdq refuses, naming the layers, since their inputs are not constant. A graph whose
+    nodes record no module path at all is refused by insert_qdq."""
+    from osdiff.calibration import qdq_export
+
+    spec, q, _ = tiny_synthesis_int8
+    real = qdq_export.layer_of
+    monkeypatch.setattr(qdq_export, "layer_of", lambda n: None if real(n) is None else f"wrapper.{real(n)}")
+    with pytest.raises(ValueError, match=r"synthesis: quantized layers \['decoder\..*'\] have no node in the "
+                                         r"exported graph, yet their inputs are not constant.*name_scopes"):
+        qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, spec.outputs, tmp_path / "s.onnx")
+    monkeypatch.undo()
+    stripped = onnx.load(str(tiny_export / "fp32" / "synthesis.onnx"))
+    for n in stripped.graph.node:
+        del n.metadata_props[:]
+    with pytest.raises(ValueError, match="no node of the graph records the module it was exported from"):
+        qdq_export.insert_qdq(stripped, qdq_export.enabled_quantizers(q))
+
+
 @pytest.mark.slow
 @needs_modelopt
 def test_onnx_runtime_int8_graphs_lose_what_fake_quantization_loses(calibrated, builtin, calibration_set):
@@ -768,3 +836,16 @@ def test_cli_int8_needs_onnxruntime(tmp_path):
     r = CliRunner().invoke(main, ["decompress", str(Path(__file__)), "-o", str(tmp_path), "--config", "demo",
                                   "--precision", "int8"])
     assert r.exit_code == 2 and "--precision int8 runs the calibrated graphs of an export" in r.output
+
+
+@needs_modelopt
+def test_cli_calibrate_refuses_a_folder_that_is_not_an_export_first(tmp_path):
+    """--engines must be an `osdiff export` directory: said before the images and the model load."""
+    from click.testing import CliRunner
+
+    from osdiff.cli import main
+
+    r = CliRunner().invoke(main, ["calibrate", "--config", "demo", "--engines", str(tmp_path)])
+    assert r.exit_code == 1
+    assert "no readable manifest.json" in r.output and "`osdiff export -o DIR`" in r.output
+    assert "ranges from" not in r.output  # the calibration images were not read

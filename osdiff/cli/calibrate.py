@@ -49,12 +49,21 @@ def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...]
               aim: float, sensitivity: bool, accept_loss: bool, **checkpoints: Any) -> None:
     """Quantize the heavy graphs (VAE encoder, G_s, denoiser, VAE decoder) of an export to INT8
     (and FP8) with NVIDIA ModelOpt, calibrated on real images, their loss measured; the
-    entropy-model graphs stay fp32. Run the result with --precision int8."""
+    entropy-model graphs stay fp32. Writes int8/ and fp8/ graphs and calibration.json into the
+    export and enters them in its manifest; exits 1 when the loss is over the targets (unless
+    --accept-loss). Run the result with `osdiff compress/decompress/profile/serve --precision int8`
+    (ONNX Runtime) or build it with `osdiff build --precision int8|fp8` (TensorRT). A full-size
+    model's calibration held about 16 GB here."""
     from osdiff.calibration.calibrate import Settings, calibrate as run, verdict
     from osdiff.calibration.images import load_calibration_set
     from osdiff.calibration.quantize import modelopt_version
+    from osdiff.export.onnx_export import ExportError, load_export
 
     modelopt_version()  # before loading anything: a clear message when the extra is missing
+    try:
+        load_export(engines)
+    except ExportError as e:
+        raise ExportError(f"{e}; --engines takes the directory `osdiff export -o DIR` wrote") from e
     if calibrator != "percentile" and click.get_current_context().get_parameter_source("percentile") \
             is not click.core.ParameterSource.DEFAULT:
         click.echo(f"note: --percentile is for --calibrator percentile; --calibrator {calibrator} ignores it")
