@@ -52,8 +52,7 @@ def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...]
     entropy-model graphs stay fp32. Writes int8/ and fp8/ graphs and calibration.json into the
     export and enters them in its manifest; exits 1 when the loss is over the targets (unless
     --accept-loss). Run the result with `osdiff compress/decompress/profile/serve --precision int8`
-    (ONNX Runtime) or build it with `osdiff build --precision int8|fp8` (TensorRT). A full-size
-    model's calibration held about 16 GB here."""
+    (ONNX Runtime) or build it with `osdiff build --precision int8|fp8` (TensorRT)."""
     from osdiff.calibration.calibrate import Settings, calibrate as run, verdict
     from osdiff.calibration.images import load_calibration_set
     from osdiff.calibration.quantize import modelopt_version
