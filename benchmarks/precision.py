@@ -2,28 +2,33 @@
 end to end, and the decode time of INT8 against fp32 on this CPU.
 
 Part 1, the built-in model (real quality): export it (fp32 + fp16), calibrate INT8 and FP8 on its
-training photographs (`osdiff calibrate`'s defaults), then on the held-out photographs chelsea,
-coffee and rocket (never used by training or calibration), whole:
+training photographs (`osdiff calibrate`'s defaults; with `--export DIR` holding a calibration
+already, that calibration is used: its INT8 graphs as they are, FP8's fake quantization rebuilt from
+its skip lists on the default calibration crops), then on the held-out photographs chelsea, coffee
+and rocket (`--held-out all`: the twelve of training/data.py HELD_OUT_SET; never used by training
+or calibration), whole:
   - fp32, fp16, INT8: ONNX Runtime CPU (INT8: the real Q/DQ graphs); FP8: PyTorch with ModelOpt's
     fake quantization (its ONNX uses TensorRT-only ops);
   - end to end (every heavy graph in that precision, encode and decode) and per graph (that graph
     alone, the others fp32): PSNR and MS-SSIM of the decoded image against fp32's decode and
     against the original; the graph's output error (max and mean |x - fp32|) on its own inputs;
-  - decode (and VAE encoder) time per stage, INT8 against fp32 and fp16, medians of interleaved
-    runs in this one process, with the CPU's model name and flags.
+  - decode (and VAE encoder) time per stage on chelsea, INT8 against fp32 and fp16, medians of
+    interleaved runs in this one process, with the CPU's model name and flags, and where the time
+    goes per op type (ONNX Runtime's profiler).
 Part 2, the full-size architecture with seeded random weights (numerics only: the pictures mean
 nothing), at 128x192: INT8 and FP8 fake quantization in PyTorch, every layer quantized (no
 sensitivity search at this size), calibrated on 128-pixel crops of the training photographs.
 Part 3 (before part 2 when both run), speed where the convolutions are SD 2.1's size: the full-size
 architecture (random weights, timing only), the VAE encoder, G_s and the VAE decoder each exported
 fp32 and INT8 (Q/DQ), ONNX Runtime CPU, INT8 against fp32 side by side on random inputs shaped for a
-256x384 image, with the time per op type (part 1 records it too); the denoiser (UNet + control module,
-1.2 G parameters) too, last.
+256x384 image (`--speed-size`), each for at least 10 s, with the time per op type; the denoiser (UNet +
+control module, 1.2 G parameters) too, last (`--speed-graph` picks graphs).
 
-Writes benchmarks/results/precision_cpu.json and prints the tables. Heavy (the full-size part holds
-about 10 GB): run it under the shared lock,
+Writes benchmarks/results/precision_cpu.json (`--json`) and prints the tables. Heavy (the denoiser's
+timing step peaked at 16.2 GB): run it under the shared lock,
 
-    flock /tmp/osdiff-heavy.lock python benchmarks/precision.py [--skip-full] [--skip-speed] [--runs 5]
+    flock /tmp/osdiff-heavy.lock python benchmarks/precision.py [--export DIR] [--held-out trio|all]
+        [--skip-full] [--skip-speed] [--speed-graph G ...] [--speed-size HxW] [--runs 5] [--json PATH]
 """
 
 from __future__ import annotations
@@ -300,8 +305,8 @@ def op_profile(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) 
 
 def speed_part(size: tuple[int, int], runs: int, echo, graphs: tuple[str, ...] = SPEED_GRAPHS) -> dict:  # type: ignore[no-untyped-def]
     """The full-size architecture (seeded random weights: timing only), graph by graph: the fp32
-    ONNX export against the INT8 Q/DQ graph (ModelOpt, calibrated on the graph's inputs from two
-    calibration crops of 128 pixels, every layer quantized), ONNX Runtime CPU, medians of
+    ONNX export against the INT8 Q/DQ graph (ranges from ModelOpt on the graph's inputs from two
+    calibration crops of 128 pixels, every layer quantized; written by calibration/qdq_export.py), ONNX Runtime CPU, medians of
     interleaved runs (`runs`, or more for 10 s: `interleaved_ms`) on random normal inputs shaped
     for a `size` image, and where the time goes per op type (one profiled run each). The denoiser comes last: the PyTorch model is let go
     before its Q/DQ export, so that this 24 GB machine holds the quantized copy (4.8 GB), the
