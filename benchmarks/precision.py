@@ -306,18 +306,18 @@ def op_profile(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) 
 def speed_part(size: tuple[int, int], runs: int, echo, graphs: tuple[str, ...] = SPEED_GRAPHS) -> dict:  # type: ignore[no-untyped-def]
     """The full-size architecture (seeded random weights: timing only), graph by graph: the fp32
     ONNX export against the INT8 Q/DQ graph (ranges from ModelOpt on the graph's inputs from two
-    calibration crops of 128 pixels, every layer quantized; written by calibration/qdq_export.py), ONNX Runtime CPU, medians of
-    interleaved runs (`runs`, or more for 10 s: `interleaved_ms`) on random normal inputs shaped
-    for a `size` image, and where the time goes per op type (one profiled run each). The denoiser comes last: the PyTorch model is let go
-    before its Q/DQ export, so that this 24 GB machine holds the quantized copy (4.8 GB), the
-    export and the ONNX Runtime sessions one after another."""
+    calibration crops of 128 pixels, every layer quantized; written by calibration/qdq_export.py),
+    ONNX Runtime CPU, medians of interleaved runs (`runs`, or more for 10 s: `interleaved_ms`) on
+    random normal inputs shaped for a `size` image, and where the time goes per op type (one
+    profiled run each). The denoiser comes last: the PyTorch model is let go before its Q/DQ
+    export, so that this 24 GB machine holds the quantized copy (4.8 GB), the export and the ONNX
+    Runtime sessions one after another."""
     from osdiff.calibration.qdq_export import export_qdq
     from osdiff.export.model import graph_shapes
     from osdiff.export.onnx_export import export_onnx
 
     echo("speed, full-size architecture (random weights): building ...")
-    model: OSDiffModel | None = OSDiffModel.random(ModelConfig.full(), 0)
-    assert model is not None
+    model = OSDiffModel.random(ModelConfig.full(), 0)
     cfg = model.config
     inputs = run_fp32(model, load_calibration_images(None, 128, 1)[:2]).inputs
     order = sorted(graphs, key=lambda g: g == "denoiser")
@@ -325,7 +325,6 @@ def speed_part(size: tuple[int, int], runs: int, echo, graphs: tuple[str, ...] =
     for g in order:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            assert model is not None
             export_onnx(model, Path(tmp), fp16=False, only=[g])
             paths = {"fp32": Path(tmp) / "fp32" / f"{g}.onnx", "int8": Path(tmp) / "int8" / f"{g}.onnx"}
             spec = model.graphs()[g]
@@ -333,8 +332,7 @@ def speed_part(size: tuple[int, int], runs: int, echo, graphs: tuple[str, ...] =
             io = (spec.inputs, spec.outputs)
             del spec
             if g == order[-1]:
-                model = None  # nothing reads it any more: its memory goes before the Q/DQ export
-                inputs = {}
+                del model, inputs  # nothing reads them any more: their memory goes before the Q/DQ export
             export_qdq(q, cfg, g, *io, paths["int8"])
             del q
             echo(f"  {g}: exported fp32 and INT8 in {time.perf_counter() - t0:.0f} s; timing ...")

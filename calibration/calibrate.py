@@ -188,13 +188,13 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
         path = export_dir / precision / f"{g}.onnx"
         constant = export_qdq(q, model.config, g, graphs[g].inputs, graphs[g].outputs, path)
         # layers the exporter computed into constants are float in the graph: so they are in what
-        # is measured from here on (the end-to-end loss above had them quantized, a bound)
+        # is measured from here on (the end-to-end loss above was measured with them quantized)
         keep_float(q, graphs[g].module, constant)
         # that graph alone: it runs on the fp32 run's inputs for it, in order (decode_with)
         recorded = Recorded(folded(q))
         alone, _ = decode_with(model, measured, {g: recorded})
-        per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path), "dequantize_nodes": count_dequantize(path),
-                        "constant_layers": constant,
+        per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path),
+                        "dequantize_nodes": count_dequantize(path), "constant_layers": constant,
                         "quality": quality(alone, measured.decoded, originals),
                         "latent_error": latent_error(recorded.outputs, graphs[g].module, measured.inputs[g])}
         echo(f"{precision} {g}: wrote {path} ({per_graph[g]['dequantize_nodes']} DequantizeLinear nodes)")
