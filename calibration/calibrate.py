@@ -13,7 +13,8 @@
        validation pictures do not represent) the costliest remaining block (PSNR and MS-SSIM
        drops as fractions of their targets) is skipped too;
     4. INT8 graphs are written as ONNX with Q/DQ nodes (int8/<graph>.onnx) and FP8 ones with
-       TensorRT's FP8 Q/DQ ops (fp8/<graph>.onnx), each with a manifest entry: precision,
+       TensorRT's FP8 Q/DQ ops (fp8/<graph>.onnx), into the export's fp32 graphs (nothing is
+       exported again; the attention keeps the export's form), each with a manifest entry: precision,
        calibrator, images, skipped blocks, measured loss. A calibration over the targets is
        written but not entered in the manifest unless `accept_loss` (so nothing runs it by
        accident); calibration.json beside the manifest keeps every number.
@@ -37,7 +38,7 @@ from torch import nn
 from osdiff.calibration.images import CalibrationImage
 from osdiff.calibration.pipeline import CalibrationRun, Recorded, decode_with, latent_error, quality, run_fp32
 from osdiff.calibration.precision import QUANTIZED_GRAPHS, TARGETS
-from osdiff.calibration.qdq_export import ATTENTION_FORM, count_dequantize, export_qdq
+from osdiff.calibration.qdq_export import count_dequantize, export_qdq
 from osdiff.calibration.quantize import (Recipe, blocks, folded, keep_float, modelopt_version, partly_quantized,
                                          quantize)
 from osdiff.export.model import OSDiffModel
@@ -124,14 +125,14 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
     graphs = model.graphs()
     results = []
     for precision in settings.precisions:
-        results.append(_calibrate_precision(model, graphs, run, measured, settings, precision, export_dir, accept_loss,
-                                            echo))
+        results.append(_calibrate_precision(model, graphs, run, measured, settings, precision, export_dir, manifest,
+                                            accept_loss, echo))
     _write(export_dir, results, images, validation, settings, version, accept_loss)
     return results
 
 
 def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, measured: CalibrationRun,
-                         settings: Settings, precision: str, export_dir: Path, accept_loss: bool,
+                         settings: Settings, precision: str, export_dir: Path, manifest: dict, accept_loss: bool,
                          echo: Callable[[str], None]) -> PrecisionResult:
     """`run`: the fp32 codec on the crops that set the ranges; `measured`: on the pictures the
     losses are measured on (the same run when there are no validation pictures)."""
@@ -186,7 +187,8 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     per_graph = {}
     for g, q in quantized.items():
         path = export_dir / precision / f"{g}.onnx"
-        constant = export_qdq(q, model.config, g, graphs[g].inputs, graphs[g].outputs, path)
+        float_graph = export_dir / manifest["graphs"][g]["fp32"]["file"]
+        constant = export_qdq(q, model.config, g, graphs[g].inputs, float_graph, path)
         # layers the exporter computed into constants are float in the graph: so they are in what
         # is measured from here on (the end-to-end loss above was measured with them quantized)
         keep_float(q, graphs[g].module, constant)
@@ -268,7 +270,7 @@ def _write(export_dir: Path, results: list[PrecisionResult], images: list[Calibr
     measured_on = [f"{im.name} ({im.pixels.shape[0]}x{im.pixels.shape[1]})" for im in validation or images]
     report = {"command": command, "modelopt": version, "images": names, "crop": list(images[0].pixels.shape[:2]),
               "measured_on": measured_on,
-              "settings": asdict(settings), "targets": TARGETS, "attention": ATTENTION_FORM,
+              "settings": asdict(settings), "targets": TARGETS,
               "results": {r.precision: r.report() for r in results}}
     write_atomic(export_dir / REPORT, json.dumps(report, indent=1).encode())
     manifest = json.loads((export_dir / "manifest.json").read_text())
@@ -281,7 +283,7 @@ def _write(export_dir: Path, results: list[PrecisionResult], images: list[Calibr
                     "file": p["file"], "sha256": p["sha256"], "calibrator": r.recipe["calibrator"],
                     "recipe": r.recipe, "images": names, "measured_on": measured_on, "skipped_blocks": r.skipped[g],
                     "constant_layers": p["constant_layers"], "loss": p["quality"],
-                    "latent_error": p["latent_error"], "attention": ATTENTION_FORM,
+                    "latent_error": p["latent_error"],
                     "runs_on": "onnxruntime, tensorrt" if r.precision == "int8" else "tensorrt",
                 }
         manifest.setdefault("calibration", {})[r.precision] = {

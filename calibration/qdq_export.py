@@ -1,23 +1,28 @@
 """Quantized graphs to ONNX with explicit Q/DQ nodes, and the check of what a graph holds.
 
-A fake-quantized module (calibration/quantize.py) is written in two steps:
+A fake-quantized module (calibration/quantize.py) is written from the float graph of the module
+it was quantized from, the fp32 graph of the export (export/onnx_export.py `export_graph`:
+torch's dynamo exporter), without exporting anything again:
 
-1. Its float graph, exported as the fp32 export writes every graph (export/onnx_export.py
-   `export_graph`: torch's dynamo exporter, attention as ONNX Runtime's fused MultiHeadAttention
-   in float), with the quantizers switched off. SmoothQuant's scaled weights and its per-channel
-   input scale (a Mul) stay, as the quantized module computes them.
-2. A QuantizeLinear -> DequantizeLinear pair where each enabled quantizer sits, with the scale
+1. a QuantizeLinear -> DequantizeLinear pair where each enabled quantizer sits, with the scale
    ModelOpt's own ONNX export writes (modelopt/torch/quantization/export_onnx.py: INT8 amax / 127,
    zero point 0; FP8 E4M3 amax / 448 as TensorRT's TRT_FP8QuantizeLinear/TRT_FP8DequantizeLinear,
    custom ops only TensorRT loads): on the input and weight of every quantized layer, and on the
    output of the INT8 convolutions. A node's layer is the module path the exporter records on it
-   ("pkg.torch.onnx.name_scopes").
+   ("pkg.torch.onnx.name_scopes");
+2. every quantized layer's weight is the quantized module's (SmoothQuant scales a Linear's input
+   channels: `W / s`), and SmoothQuant's input scale `s` is a Mul in front of the input's pair,
+   where ModelOpt's quantizer applies it. Each weight is checked against the float graph's
+   (equal, or equal once SmoothQuant's scale is undone), so a float graph of another module,
+   or a weight read in the wrong layout, is refused.
 
 Why not ModelOpt's own export (torch's TorchScript exporter tracing the fake-quant modules)? For
 the full-size denoiser (1.2 G parameters) it held over 20 GB and had not finished on a 24 GB
-machine; step 1 is the fp32 export, which writes the whole full-size model in about 8 GB. ONNX
-Runtime computes the same bits from both (tests/test_calibration.py, a toy graph of every layer
-kind). Where this export differs from ModelOpt's, on purpose:
+machine. Why not export the quantized module again with the dynamo exporter, as the fp32 export
+did? It gives the same graph, but took 154 s for the full-size denoiser and most of the tiny
+model's calibration time in CI. ONNX Runtime computes the same bits from this export as from
+ModelOpt's (tests/test_calibration.py, a toy graph of every layer kind). Where it differs from
+ModelOpt's, on purpose:
 
 - INT8 weights are stored as int8 (per output channel, zero point 0, rounded as ModelOpt's fake
   quantization rounds them) behind a DequantizeLinear alone, where ModelOpt writes the float32
@@ -26,8 +31,9 @@ kind). Where this export differs from ModelOpt's, on purpose:
 - An INT8 layer reading a nearest upsampling gets a second pair of its input quantizer in front of
   the upsampling (nearest copies values: no bit changes), so that ONNX Runtime resizes 8-bit data.
 - A quantized layer whose inputs are all constants (the timestep embedding's first Linear: OSDiff
-  decodes at one fixed t) is computed into a constant by the exporter and stays float;
+  decodes at one fixed t) was computed into a constant by the exporter and stays float;
   `export_qdq` checks that their inputs are indeed constant and returns these layers.
+- The attention keeps the form the fp32 graph has (the manifest's "attention"), in float.
 
 This is the explicit-precision form TensorRT 10/11 builds strongly typed and ONNX Runtime runs
 with its INT8 kernels.
@@ -49,9 +55,8 @@ from torch import nn
 from osdiff.calibration.quantize import LAYER_TYPES
 from osdiff.config import ModelConfig
 from osdiff.export.model import graph_shapes
-from osdiff.export.onnx_export import EXTERNAL_DATA_BYTES, export_graph
+from osdiff.export.onnx_export import EXTERNAL_DATA_BYTES
 
-ATTENTION_FORM = "mha"  # the manifest's word for it, as export/onnx_export.py writes it
 TRT_DOMAIN = "trt"  # TensorRT's custom FP8 Q/DQ ops, as ModelOpt names them
 
 _QUANT_OPS = ("QuantizeLinear", "TRT_FP8QuantizeLinear")
@@ -62,29 +67,26 @@ _ROLES = ("input", "weight", "output")
 _WEIGHT_PATH_OPS = (*_QUANT_OPS, *_DEQUANT_OPS, "Transpose", "Cast", "Identity")
 
 
-def export_qdq(q: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
+def export_qdq(q: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ...], float_graph: str | Path,
                path: str | Path) -> list[str]:
     """Write a fake-quantized graph (calibration/quantize.py `quantize`) to `path` (and
-    `path`.data where its weights exceed 1.8 GB): float32 inputs and outputs, batch, height and
-    width dynamic, Q/DQ as the module docstring says. Returns the quantized layers the exporter
-    computed into constants (their inputs do not depend on the graph's: they stay float). Raises
-    ValueError where a quantized layer whose input does depend on the graph's is not found in
-    the exported graph (the exporter's record of module paths does not match `q`'s), and what
-    `insert_qdq` raises."""
+    `path`.data where its weights exceed 1.8 GB) from `float_graph`, the ONNX graph of the module
+    `q` was quantized from (the export's fp32 graph; its weights may lie in a side file): float32
+    inputs and outputs, batch, height and width dynamic, Q/DQ as the module docstring says.
+    Returns the quantized layers the exporter computed into constants (their inputs do not depend
+    on the graph's: they stay float). Raises ValueError where a quantized layer whose input does
+    depend on the graph's has no node in `float_graph` (its record of module paths does not match
+    `q`'s), and what `insert_qdq` raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    quantizers = enabled_quantizers(q)
-    off = [t for roles in quantizers.values() for t in roles.values()]
-    with switched_off(off):
-        export_graph(cfg, graph, q, inputs, outputs, path, half=False, attention=ATTENTION_FORM)
-    model = onnx.load(str(path))
-    folded = insert_qdq(model, quantizers)
-    with switched_off(off):
+    model = onnx.load(str(float_graph))
+    folded = insert_qdq(model, q)
+    with switched_off([t for roles in enabled_quantizers(q).values() for t in roles.values()]):
         varying = _varying_inputs(q, cfg, graph, inputs, folded)
     if varying:
-        raise ValueError(f"{graph}: quantized layers {varying[:3]} have no node in the exported graph, yet their "
-                         "inputs are not constant: the exporter's module paths (pkg.torch.onnx.name_scopes) do not "
-                         "match the module's, so their Q/DQ cannot be placed")
+        raise ValueError(f"{graph}: quantized layers {varying[:3]} have no node in the float graph, yet their "
+                         "inputs are not constant: its module paths (pkg.torch.onnx.name_scopes) do not match the "
+                         "module's, so their Q/DQ cannot be placed")
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     big = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
@@ -150,14 +152,17 @@ def layer_of(node: onnx.NodeProto) -> str | None:
     return None
 
 
-def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module]]) -> list[str]:
-    """Insert, in place, the Q/DQ pairs of `quantizers` (from `enabled_quantizers`) into the
-    float graph `model` exported from the same module with the quantizers off. Returns the layers
-    of `quantizers` that no node of the graph belongs to (folded into constants by the exporter).
+def insert_qdq(model: onnx.ModelProto, q: nn.Module) -> list[str]:
+    """Insert, in place, the Q/DQ pairs of the fake-quantized module `q` (its enabled quantizers)
+    into `model`, the float graph of the module `q` was quantized from, and give every quantized
+    layer `q`'s weight and SmoothQuant's input scale (the module docstring). Returns the quantized
+    layers that no node of the graph belongs to (computed into constants by the exporter).
     Raises ValueError where no node of the graph records its module path (the dynamo exporter's
-    "pkg.torch.onnx.name_scopes"), a layer's weight is not an initializer, its per-channel scales
+    "pkg.torch.onnx.name_scopes"), a layer's weight is not an initializer or is not the graph's
+    (another shape, or other values once SmoothQuant's scale is undone), its per-channel scales
     do not match the weight's output channels, or a layer named in the graph has no node to
     quantize."""
+    quantizers = enabled_quantizers(q)
     graph = model.graph
     if quantizers and not any(layer_of(n) for n in graph.node):
         raise ValueError("no node of the graph records the module it was exported from (pkg.torch.onnx.name_scopes): "
@@ -200,15 +205,30 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
                                           f"{name}/DQ", domain=TRT_DOMAIN))
         return out
 
-    def int8_weight(node: onnx.NodeProto, t: nn.Module, name: str) -> str:
+    def weight(node: onnx.NodeProto, layer: str, name: str) -> np.ndarray:
+        """`q`'s weight of `layer` in the layout of `node`'s weight, checked against the graph's."""
+        w_name = node.input[1]
+        if w_name not in inits:
+            raise ValueError(f"{name}: its {node.op_type} weight {w_name!r} is not an initializer of the graph")
+        m = q.get_submodule(layer)
+        w = m.weight.detach().float()
+        scale = _smoothquant_scale(m)
+        # the float graph's weight: SmoothQuant's W / s times s (rounding aside), else W itself
+        unscaled = w if scale is None else w * scale.reshape(1, -1, *([1] * (w.ndim - 2)))
+        w, unscaled = (_in_graph_layout(node, t.numpy()) for t in (w, unscaled))
+        theirs = numpy_helper.to_array(inits[w_name])
+        if theirs.shape != w.shape or not np.allclose(unscaled, theirs, rtol=1e-5, atol=1e-7 * np.abs(theirs).max()):
+            raise ValueError(f"{name}: the float graph's {node.op_type} weight {list(theirs.shape)} is not the "
+                             f"module's {list(w.shape)} (a float graph of another model?)")
+        return w
+
+    def int8_weight(node: onnx.NodeProto, layer: str, t: nn.Module, name: str) -> str:
         """The weight of `node` stored as int8 behind a DequantizeLinear; returns the dequantized
         tensor's name."""
         w_name = node.input[1]
         if w_name in shared:  # a layer called twice: one int8 copy
             return shared[w_name]
-        if w_name not in inits:
-            raise ValueError(f"{name}: its {node.op_type} weight {w_name!r} is not an initializer of the graph")
-        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        w = weight(node, layer, name)
         axis = _output_axis(node, w.ndim)
         amax = t.export_amax().detach().float().reshape(-1).numpy()
         if w.shape[axis] != amax.size:
@@ -246,9 +266,15 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
         key = layer if calls[layer] == 1 else f"{layer}#{calls[layer]}"  # a layer called twice
         if "input" in roles:
             x = node.input[0]
-            node.input[0] = pair(x, roles["input"], f"{key}.input")
+            smoothing = _smoothquant_scale(q.get_submodule(layer))
+            if smoothing is not None:  # the input quantizer scales before it quantizes
+                nodes.append(helper.make_node("Mul", [x, constant(f"{key}.input.smoothquant_scale", smoothing.numpy())],
+                                              [f"{key}.input.smoothed"], f"{key}/smoothquant"))
+                node.input[0] = f"{key}.input.smoothed"
+            node.input[0] = pair(node.input[0], roles["input"], f"{key}.input")
             src = producer.get(x)
-            if roles["input"].num_bits == 8 and src is not None and _nearest_resize(src) and readers[x] == 1:
+            if (roles["input"].num_bits == 8 and smoothing is None and src is not None and _nearest_resize(src)
+                    and readers[x] == 1):
                 # Nearest resizing only copies values, so quantizing before it on the same grid changes
                 # no bit, and the resize then moves 8-bit data: ONNX Runtime turns DQ -> Resize -> Q
                 # into an integer Resize (in float it ran 10x slower than fp32's own in the full-size
@@ -261,8 +287,14 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
                 nodes[at:at] = moved
         if "weight" in roles:
             t = roles["weight"]
-            node.input[1] = (int8_weight(node, t, f"{key}.weight") if t.num_bits == 8
-                             else pair(node.input[1], t, f"{key}.weight"))
+            if t.num_bits == 8:
+                node.input[1] = int8_weight(node, layer, t, f"{key}.weight")
+            else:  # float32 behind its pair, as ModelOpt writes it
+                if node.input[1] not in shared:
+                    dropped.add(node.input[1])
+                    shared[node.input[1]] = pair(constant(f"{key}.weight.float", weight(node, layer, f"{key}.weight")),
+                                                 t, f"{key}.weight")
+                node.input[1] = shared[node.input[1]]
         nodes.append(node)
         if "output" in roles:
             # the DQ takes over the layer's output name: every reader (or the graph output) reads it
@@ -282,6 +314,20 @@ def insert_qdq(model: onnx.ModelProto, quantizers: dict[str, dict[str, nn.Module
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return sorted(set(quantizers) - found)
+
+
+def _smoothquant_scale(layer: nn.Module) -> torch.Tensor | None:
+    """SmoothQuant's per-input-channel scale of a layer's input (float32, 1-D), or None."""
+    t = getattr(layer, "input_quantizer", None)
+    s = getattr(t, "pre_quant_scale", None) if t is not None else None
+    return None if s is None else s.detach().float().reshape(-1)
+
+
+def _in_graph_layout(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
+    """A module's weight (PyTorch's layout: out x in for a Linear) as `node` reads it."""
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute)):
+        return np.ascontiguousarray(w.T)  # x @ W: in x out
+    return w
 
 
 def _nearest_resize(node: onnx.NodeProto) -> bool:

@@ -666,8 +666,9 @@ class _Toy(torch.nn.Module):
 @needs_modelopt
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_qdq_export_writes_what_modelopts_own_export_writes(precision, tmp_path):
-    """Our Q/DQ export (the float graph from torch's dynamo exporter, Q/DQ pairs inserted at the
-    quantizers: calibration/qdq_export.py) against ModelOpt's own ONNX export of the same
+    """Our Q/DQ export (the float graph of the module before quantization, from torch's dynamo
+    exporter; Q/DQ pairs inserted at the quantizers, SmoothQuant's weights and input scale put
+    in: calibration/qdq_export.py) against ModelOpt's own ONNX export of the same
     fake-quantized module (torch's TorchScript exporter). INT8: ONNX Runtime computes the same bits
     from both. FP8 (TensorRT's ops, which ONNX Runtime cannot run): the same scales on the same
     number of Q/DQ pairs. Both: every layer has Q/DQ on its input and weight, the INT8
@@ -678,21 +679,21 @@ def test_qdq_export_writes_what_modelopts_own_export_writes(precision, tmp_path)
 
     import onnxruntime as ort
 
-    from osdiff.calibration.qdq_export import enabled_quantizers, insert_qdq, qdq_layers, switched_off
+    from osdiff.calibration.qdq_export import enabled_quantizers, insert_qdq, qdq_layers
     from osdiff.calibration.quantize import Recipe, quantize
     from osdiff.runtime.backends.onnxruntime_int8 import inference_session, uint8_activations
 
     torch.manual_seed(0)
     x = torch.randn(2, 4, 12, 12)
-    q = quantize(_Toy().eval(), [(x,), (torch.randn(2, 4, 12, 12),)], Recipe.fp8() if precision == "fp8" else Recipe())
+    toy = _Toy().eval()
+    q = quantize(toy, [(x,), (torch.randn(2, 4, 12, 12),)], Recipe.fp8() if precision == "fp8" else Recipe())
     quantizers = enabled_quantizers(q)
     assert q.proj.input_quantizer.pre_quant_scale is not None or precision == "fp8"  # SmoothQuant's Mul is exported
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(q, (x,), str(tmp_path / "modelopt.onnx"), dynamo=False, opset_version=18, input_names=["x"])
-        with switched_off([t for roles in quantizers.values() for t in roles.values()]):
-            ours = torch.onnx.export(q, (x,), dynamo=True, opset_version=18, input_names=["x"], verbose=False).model_proto
-    assert insert_qdq(ours, quantizers) == []
+        ours = torch.onnx.export(toy, (x,), dynamo=True, opset_version=18, input_names=["x"], verbose=False).model_proto
+    assert insert_qdq(ours, q) == []
     onnx.save(ours, str(tmp_path / "ours.onnx"))
     int8 = precision == "int8"
     assert qdq_layers(tmp_path / "ours.onnx") == {
@@ -740,26 +741,28 @@ def tiny_synthesis_int8(tiny_model):
     return spec, quantize(spec.module, args, Recipe()), args[0]
 
 
-def test_qdq_export_writes_weights_over_the_limit_to_one_side_file(tiny_model, tiny_synthesis_int8, tmp_path,
-                                                                   monkeypatch):
-    """With the limit for weights inside the graph lowered to 0 (a full-size denoiser's are over
-    protobuf's 2 GB), the float export and the Q/DQ graph written from it both go to external
-    data: the Q/DQ graph's weights lie in <graph>.onnx.data alone (the float export's replaced, no
-    other file), and ONNX Runtime, through the backends' loader, computes the same bits from it as
-    from the graph written whole."""
+def test_qdq_export_reads_and_writes_weights_in_side_files(tiny_model, tiny_export, tiny_synthesis_int8, tmp_path,
+                                                            monkeypatch):
+    """A full-size denoiser's weights are over protobuf's 2 GB, so its float graph lies beside a
+    side file and so must its Q/DQ graph. Here the tiny G_s's float graph is read from a side
+    file and, with the limit lowered to 0, the Q/DQ graph's weights go to <graph>.onnx.data alone
+    (no other file); ONNX Runtime, through the backends' loader, computes the same bits from it
+    as from the graph written whole."""
     import onnxruntime as ort
     from onnx.external_data_helper import uses_external_data
 
     from osdiff.calibration import qdq_export
-    from osdiff.export import onnx_export
     from osdiff.runtime.backends.onnxruntime_int8 import inference_session
 
     spec, q, x = tiny_synthesis_int8
+    float_graph = tmp_path / "float" / "synthesis.onnx"
+    float_graph.parent.mkdir()
+    onnx.save(onnx.load(str(tiny_export / "fp32" / "synthesis.onnx")), str(float_graph), save_as_external_data=True,
+              location="synthesis.onnx.data", size_threshold=0)
     whole, side = tmp_path / "whole" / "synthesis.onnx", tmp_path / "side" / "synthesis.onnx"
-    qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, spec.outputs, whole)
+    qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, tiny_export / "fp32" / "synthesis.onnx", whole)
     monkeypatch.setattr(qdq_export, "EXTERNAL_DATA_BYTES", 0)
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
-    qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, spec.outputs, side)
+    qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, float_graph, side)
     assert sorted(p.name for p in whole.parent.iterdir()) == ["synthesis.onnx"]
     assert sorted(p.name for p in side.parent.iterdir()) == ["synthesis.onnx", "synthesis.onnx.data"]
     graph = onnx.load(str(side), load_external_data=False).graph
@@ -772,24 +775,39 @@ def test_qdq_export_writes_weights_over_the_limit_to_one_side_file(tiny_model, t
 
 def test_qdq_export_refuses_quantized_layers_it_cannot_place(tiny_model, tiny_export, tiny_synthesis_int8, tmp_path,
                                                              monkeypatch):
-    """A quantized layer that no node of the exported graph names would silently stay float
+    """A quantized layer that no node of the float graph names would silently stay float
     (here every module path reads back with a prefix, as a wrapper around the module would give):
     export_qdq refuses, naming the layers, since their inputs are not constant. A graph whose
-    nodes record no module path at all is refused by insert_qdq."""
+    nodes record no module path at all is refused by insert_qdq, and so is the float graph of
+    another model (one weight differs), or another graph of the same model."""
+    import copy
+
     from osdiff.calibration import qdq_export
 
     spec, q, _ = tiny_synthesis_int8
+    fp32 = tiny_export / "fp32"
     real = qdq_export.layer_of
     monkeypatch.setattr(qdq_export, "layer_of", lambda n: None if real(n) is None else f"wrapper.{real(n)}")
     with pytest.raises(ValueError, match=r"synthesis: quantized layers \['decoder\..*'\] have no node in the "
-                                         r"exported graph, yet their inputs are not constant.*name_scopes"):
-        qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, spec.outputs, tmp_path / "s.onnx")
+                                         r"float graph, yet their inputs are not constant.*name_scopes"):
+        qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, fp32 / "synthesis.onnx",
+                              tmp_path / "s.onnx")
     monkeypatch.undo()
-    stripped = onnx.load(str(tiny_export / "fp32" / "synthesis.onnx"))
+    stripped = onnx.load(str(fp32 / "synthesis.onnx"))
     for n in stripped.graph.node:
         del n.metadata_props[:]
     with pytest.raises(ValueError, match="no node of the graph records the module it was exported from"):
-        qdq_export.insert_qdq(stripped, qdq_export.enabled_quantizers(q))
+        qdq_export.insert_qdq(stripped, q)
+    other = copy.deepcopy(q)
+    layer = next(iter(qdq_export.enabled_quantizers(other)))
+    with torch.no_grad():
+        other.get_submodule(layer).weight[0].mul_(1.01)
+    with pytest.raises(ValueError, match=rf"{layer}\.weight: the float graph's Conv weight \[.*\] is not the module's"):
+        qdq_export.insert_qdq(onnx.load(str(fp32 / "synthesis.onnx")), other)
+    with pytest.raises(ValueError, match="synthesis: quantized layers .* have no node in the float graph"):
+        qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, fp32 / "vae_decoder.onnx",
+                              tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()
 
 
 @pytest.mark.slow
