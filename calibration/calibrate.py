@@ -106,7 +106,8 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
     """Calibrate, measure and write (see the module docstring): ranges from `images`, losses
     measured on `validation` (calibration/images.py load_calibration_set; None: on `images`
     themselves, which flatters the loss). Raises ExportError when the export is of another
-    model, CalibrationUnavailable without modelopt."""
+    model or one of its fp32 graphs to quantize is missing or not the file the export wrote (the
+    Q/DQ graphs are written into them), CalibrationUnavailable without modelopt."""
     version = modelopt_version()
     export_dir = Path(export_dir)
     manifest, _ = load_export(export_dir)
@@ -116,6 +117,14 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
     unknown = set(settings.graphs) - set(QUANTIZED_GRAPHS)
     if unknown:
         raise ValueError(f"only {', '.join(QUANTIZED_GRAPHS)} are quantized, not {sorted(unknown)}")
+    for g in settings.graphs:  # the Q/DQ graphs are written into these: check them before the long work
+        entry = manifest["graphs"][g]["fp32"]
+        path = export_dir / entry["file"]
+        if not path.exists():
+            raise ExportError(f"{path}: missing; re-export with `osdiff export`")
+        if _sha256(path) != entry["sha256"]:
+            raise ExportError(f"{path}: not the file the export wrote (its sha256 differs from manifest.json's); "
+                              "re-export with `osdiff export`")
     t0 = time.perf_counter()
     echo(f"running the fp32 codec on {len(images)} calibration crops"
          + (f" and {len(validation)} validation pictures ..." if validation else " ..."))

@@ -867,3 +867,25 @@ def test_cli_calibrate_refuses_a_folder_that_is_not_an_export_first(tmp_path):
     assert r.exit_code == 1
     assert "no readable manifest.json" in r.output and "`osdiff export -o DIR`" in r.output
     assert "ranges from" not in r.output  # the calibration images were not read
+
+
+@needs_modelopt
+def test_calibrate_refuses_a_replaced_or_missing_fp32_graph_first(tiny_model, tiny_export, tiny_crops, tmp_path):
+    """The Q/DQ graphs are written into the export's fp32 graphs: one replaced by another file
+    (here the VAE decoder's copied over G_s's) or missing is refused, naming it, before the
+    codec runs on a single image, and nothing is written."""
+    from osdiff.calibration.calibrate import Settings, calibrate
+    from osdiff.export.onnx_export import ExportError
+
+    out = tmp_path / "export"
+    shutil.copytree(tiny_export, out)
+    manifest = (out / "manifest.json").read_text()
+    shutil.copy(out / "fp32" / "vae_decoder.onnx", out / "fp32" / "synthesis.onnx")
+    said: list[str] = []
+    with pytest.raises(ExportError, match=r"fp32/synthesis.onnx: not the file the export wrote \(its sha256"):
+        calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False), echo=said.append)
+    (out / "fp32" / "synthesis.onnx").unlink()
+    with pytest.raises(ExportError, match=r"fp32/synthesis.onnx: missing; re-export with `osdiff export`"):
+        calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False), echo=said.append)
+    assert said == []
+    assert not (out / "int8").exists() and (out / "manifest.json").read_text() == manifest
