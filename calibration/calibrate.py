@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from osdiff.export.onnx_export import ExportError, _sha256, load_export
 from osdiff.files import write_atomic
 
 REPORT = "calibration.json"
+STAGING = ".calibrating"  # in the export directory, while the graphs are written
 
 
 @dataclass
@@ -133,18 +135,31 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
     echo(f"  {time.perf_counter() - t0:.1f} s")
     graphs = model.graphs()
     results = []
-    for precision in settings.precisions:
-        results.append(_calibrate_precision(model, graphs, run, measured, settings, precision, export_dir, manifest,
-                                            accept_loss, echo))
-    _write(export_dir, results, images, validation, settings, version, accept_loss)
+    # graphs are written here first and moved into the export only once every one of them is: a
+    # calibration that fails (or is interrupted) leaves the export as it was
+    staging = export_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for precision in settings.precisions:
+            results.append(_calibrate_precision(model, graphs, run, measured, settings, precision, export_dir,
+                                                manifest, staging, accept_loss, echo))
+        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = export_dir / f.relative_to(staging)
+            target.parent.mkdir(exist_ok=True)
+            f.replace(target)
+        echo(f"moved the Q/DQ graphs into {export_dir}")
+        _write(export_dir, results, images, validation, settings, version, accept_loss)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return results
 
 
 def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, measured: CalibrationRun,
-                         settings: Settings, precision: str, export_dir: Path, manifest: dict, accept_loss: bool,
-                         echo: Callable[[str], None]) -> PrecisionResult:
+                         settings: Settings, precision: str, export_dir: Path, manifest: dict, staging: Path,
+                         accept_loss: bool, echo: Callable[[str], None]) -> PrecisionResult:
     """`run`: the fp32 codec on the crops that set the ranges; `measured`: on the pictures the
-    losses are measured on (the same run when there are no validation pictures)."""
+    losses are measured on (the same run when there are no validation pictures). The graphs are
+    written under `staging`, as they will lie in the export."""
     t0 = time.perf_counter()
     recipe = settings.recipe(precision)
     originals = [im.pixels for im in measured.images]
@@ -195,7 +210,7 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     registered = ok or accept_loss
     per_graph = {}
     for g, q in quantized.items():
-        path = export_dir / precision / f"{g}.onnx"
+        path = staging / precision / f"{g}.onnx"
         float_graph = export_dir / manifest["graphs"][g]["fp32"]["file"]
         constant = export_qdq(q, model.config, g, graphs[g].inputs, float_graph, path)
         # layers the exporter computed into constants are float in the graph: so they are in what
@@ -204,11 +219,12 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
         # that graph alone: it runs on the fp32 run's inputs for it, in order (decode_with)
         recorded = Recorded(folded(q))
         alone, _ = decode_with(model, measured, {g: recorded})
-        per_graph[g] = {"file": str(path.relative_to(export_dir)), "sha256": _sha256(path),
+        per_graph[g] = {"file": str(path.relative_to(staging)), "sha256": _sha256(path),
                         "dequantize_nodes": count_dequantize(path), "constant_layers": constant,
                         "quality": quality(alone, measured.decoded, originals),
                         "latent_error": latent_error(recorded.outputs, graphs[g].module, measured.inputs[g])}
-        echo(f"{precision} {g}: wrote {path} ({per_graph[g]['dequantize_nodes']} DequantizeLinear nodes)")
+        echo(f"{precision} {g}: Q/DQ graph for {per_graph[g]['file']} written ({per_graph[g]['dequantize_nodes']} "
+             "DequantizeLinear nodes)")
     result = PrecisionResult(precision, recipe.describe(), skipped, sensitivity, per_graph, end_to_end, ok, registered,
                              time.perf_counter() - t0, quantized)
     echo(verdict(result))
@@ -226,8 +242,13 @@ def skip_until_within(candidates: list[tuple[str, str]], measure: Callable[[], d
         if within(q, aim):
             return q
         if taken == len(candidates):
-            echo(f"  still over {aim:g} x the targets {TARGETS} with every candidate block ({taken}, at most "
-                 f"max_extra_skips) kept float: {'within' if within(q) else 'over'} the targets themselves")
+            verdict = f"{'within' if within(q) else 'over'} the targets themselves"
+            if not candidates:  # the sensitivity search, which ranks the blocks, was off
+                echo(f"  still over {aim:g} x the targets {TARGETS}, and no block was measured to keep float "
+                     f"(sensitivity off): {verdict}")
+            else:
+                echo(f"  still over {aim:g} x the targets {TARGETS} with every candidate block ({taken}, at most "
+                     f"max_extra_skips) kept float: {verdict}")
             return q
         g, b = candidates[taken]
         taken += 1

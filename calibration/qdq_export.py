@@ -79,14 +79,20 @@ def export_qdq(q: nn.Module, cfg: ModelConfig, graph: str, inputs: tuple[str, ..
     `q`'s), and what `insert_qdq` raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(float_graph))
-    folded = insert_qdq(model, q)
+    try:
+        model = onnx.load(str(float_graph))
+    except Exception as e:  # onnx raises protobuf's DecodeError, OSError, ValueError...
+        raise ValueError(f"{float_graph}: not a readable ONNX graph ({type(e).__name__}: {e})") from None
+    try:
+        folded = insert_qdq(model, q)
+    except ValueError as e:
+        raise ValueError(f"{float_graph}: {e}") from None
     with switched_off([t for roles in enabled_quantizers(q).values() for t in roles.values()]):
         varying = _varying_inputs(q, cfg, graph, inputs, folded)
     if varying:
-        raise ValueError(f"{graph}: quantized layers {varying[:3]} have no node in the float graph, yet their "
-                         "inputs are not constant: its module paths (pkg.torch.onnx.name_scopes) do not match the "
-                         "module's, so their Q/DQ cannot be placed")
+        raise ValueError(f"{float_graph}: quantized layers {varying[:3]} of {graph} have no node in this float graph, "
+                         "yet their inputs are not constant: its module paths (pkg.torch.onnx.name_scopes) do not "
+                         "match the module's (a graph of another module?), so their Q/DQ cannot be placed")
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     big = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
@@ -217,9 +223,12 @@ def insert_qdq(model: onnx.ModelProto, q: nn.Module) -> list[str]:
         unscaled = w if scale is None else w * scale.reshape(1, -1, *([1] * (w.ndim - 2)))
         w, unscaled = (_in_graph_layout(node, t.numpy()) for t in (w, unscaled))
         theirs = numpy_helper.to_array(inits[w_name])
-        if theirs.shape != w.shape or not np.allclose(unscaled, theirs, rtol=1e-5, atol=1e-7 * np.abs(theirs).max()):
-            raise ValueError(f"{name}: the float graph's {node.op_type} weight {list(theirs.shape)} is not the "
+        if theirs.shape != w.shape:
+            raise ValueError(f"{name}: the float graph's {node.op_type} weight is {list(theirs.shape)}, the "
                              f"module's {list(w.shape)} (a float graph of another model?)")
+        if not np.allclose(unscaled, theirs, rtol=1e-5, atol=1e-7 * np.abs(theirs).max()):
+            raise ValueError(f"{name}: the float graph's {node.op_type} weight {list(w.shape)} holds other values "
+                             "than the module's (a float graph of another model?)")
         return w
 
     def int8_weight(node: onnx.NodeProto, layer: str, t: nn.Module, name: str) -> str:
@@ -383,7 +392,6 @@ def attention_inputs(path: str | Path) -> list[list[str]]:
     producer = {o: n for n in model.graph.node for o in n.output}
     return [[producer[i].op_type if i in producer else "(graph input)" for i in n.input if i]
             for n in model.graph.node if n.op_type == "MultiHeadAttention"]
-
 
 
 def count_dequantize(path: str | Path) -> int:

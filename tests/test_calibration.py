@@ -788,8 +788,8 @@ def test_qdq_export_refuses_quantized_layers_it_cannot_place(tiny_model, tiny_ex
     fp32 = tiny_export / "fp32"
     real = qdq_export.layer_of
     monkeypatch.setattr(qdq_export, "layer_of", lambda n: None if real(n) is None else f"wrapper.{real(n)}")
-    with pytest.raises(ValueError, match=r"synthesis: quantized layers \['decoder\..*'\] have no node in the "
-                                         r"float graph, yet their inputs are not constant.*name_scopes"):
+    with pytest.raises(ValueError, match=r"synthesis.onnx: quantized layers \['decoder\..*'\] of synthesis have no "
+                                         r"node in this float graph, yet their inputs are not constant.*name_scopes"):
         qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, fp32 / "synthesis.onnx",
                               tmp_path / "s.onnx")
     monkeypatch.undo()
@@ -802,11 +802,17 @@ def test_qdq_export_refuses_quantized_layers_it_cannot_place(tiny_model, tiny_ex
     layer = next(iter(qdq_export.enabled_quantizers(other)))
     with torch.no_grad():
         other.get_submodule(layer).weight[0].mul_(1.01)
-    with pytest.raises(ValueError, match=rf"{layer}\.weight: the float graph's Conv weight \[.*\] is not the module's"):
+    with pytest.raises(ValueError, match=rf"{layer}\.weight: the float graph's Conv weight \[.*\] holds other values "
+                                         "than the module's"):
         qdq_export.insert_qdq(onnx.load(str(fp32 / "synthesis.onnx")), other)
-    with pytest.raises(ValueError, match="synthesis: quantized layers .* have no node in the float graph"):
+    with pytest.raises(ValueError, match="vae_decoder.onnx: quantized layers .* of synthesis have no node in this "
+                                         "float graph"):
         qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, fp32 / "vae_decoder.onnx",
                               tmp_path / "s.onnx")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes((fp32 / "synthesis.onnx").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"truncated.onnx: not a readable ONNX graph \(DecodeError"):
+        qdq_export.export_qdq(q, tiny_model.config, "synthesis", spec.inputs, truncated, tmp_path / "s.onnx")
     assert not (tmp_path / "s.onnx").exists()
 
 
@@ -889,3 +895,33 @@ def test_calibrate_refuses_a_replaced_or_missing_fp32_graph_first(tiny_model, ti
         calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False), echo=said.append)
     assert said == []
     assert not (out / "int8").exists() and (out / "manifest.json").read_text() == manifest
+
+
+@needs_modelopt
+def test_calibration_that_fails_while_writing_leaves_the_export_as_it_was(tiny_model, tiny_export, tiny_crops,
+                                                                         tmp_path, monkeypatch):
+    """The Q/DQ graphs are written aside and moved into the export only once every one of them is:
+    a failure at the second graph (an exporter error, an interrupt) leaves no INT8 file, no staging
+    folder and the manifest untouched."""
+    from osdiff.calibration import calibrate as calibrate_module
+    from osdiff.calibration.calibrate import STAGING, Settings, calibrate
+
+    out = tmp_path / "export"
+    shutil.copytree(tiny_export, out)
+    manifest = (out / "manifest.json").read_text()
+    real = calibrate_module.export_qdq
+    written: list[Path] = []
+
+    def fail_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if written:
+            raise KeyboardInterrupt
+        written.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate_module, "export_qdq", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False, graphs=("synthesis", "vae_encoder")),
+                  accept_loss=True, echo=lambda s: None)
+    assert written and written[0].is_relative_to(out / STAGING)
+    assert not (out / "int8").exists() and not (out / STAGING).exists()
+    assert (out / "manifest.json").read_text() == manifest and not (out / "calibration.json").exists()

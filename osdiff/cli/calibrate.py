@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -53,7 +54,7 @@ def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...]
     export and enters them in its manifest; exits 1 when the loss is over the targets (unless
     --accept-loss). Run the result with `osdiff compress/decompress/profile/serve --precision int8`
     (ONNX Runtime) or build it with `osdiff build --precision int8|fp8` (TensorRT)."""
-    from osdiff.calibration.calibrate import Settings, calibrate as run, verdict
+    from osdiff.calibration.calibrate import REPORT, Settings, calibrate as run, verdict
     from osdiff.calibration.images import load_calibration_set
     from osdiff.calibration.quantize import modelopt_version
     from osdiff.export.onnx_export import ExportError, load_export
@@ -82,7 +83,7 @@ def calibrate(engines: str, images: tuple[str, ...], precisions: tuple[str, ...]
     t0 = time.perf_counter()
     results = run(model, engines, calibration_set.crops, settings, accept_loss=accept_loss, echo=click.echo,
                   validation=calibration_set.validation)
-    click.echo(f"calibrated in {time.perf_counter() - t0:.0f} s; every number in {engines}/calibration.json")
+    click.echo(f"calibrated in {time.perf_counter() - t0:.0f} s; every number in {Path(engines) / REPORT}")
     for r in results:  # last, where the user looks: a loss over the targets is never buried in the log
         click.echo(verdict(r))
     refused = [r.precision for r in results if not r.registered]
