@@ -306,7 +306,7 @@ def op_profile(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) 
 def speed_part(size: tuple[int, int], runs: int, echo, graphs: tuple[str, ...] = SPEED_GRAPHS) -> dict:  # type: ignore[no-untyped-def]
     """The full-size architecture (seeded random weights: timing only), graph by graph: the fp32
     ONNX export against the INT8 Q/DQ graph (ranges from ModelOpt on the graph's inputs from two
-    calibration crops of 128 pixels, every layer quantized; written into the fp32 graph by
+    calibration crops of 128 pixels, every layer quantized; written from the fp32 graph by
     calibration/qdq_export.py), ONNX Runtime CPU, medians of interleaved runs (`runs`, or more for
     10 s: `interleaved_ms`) on random normal inputs shaped for a `size` image, and where the time
     goes per op type (one profiled run each). The denoiser comes last: the PyTorch model is let go before its Q/DQ

@@ -13,7 +13,7 @@
        validation pictures do not represent) the costliest remaining block (PSNR and MS-SSIM
        drops as fractions of their targets) is skipped too;
     4. INT8 graphs are written as ONNX with Q/DQ nodes (int8/<graph>.onnx) and FP8 ones with
-       TensorRT's FP8 Q/DQ ops (fp8/<graph>.onnx), into the export's fp32 graphs (nothing is
+       TensorRT's FP8 Q/DQ ops (fp8/<graph>.onnx), from the export's fp32 graphs (nothing is
        exported again; the attention keeps the export's form), each with a manifest entry: precision,
        calibrator, images, skipped blocks, measured loss. A calibration over the targets is
        written but not entered in the manifest unless `accept_loss` (so nothing runs it by
@@ -108,8 +108,10 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
     """Calibrate, measure and write (see the module docstring): ranges from `images`, losses
     measured on `validation` (calibration/images.py load_calibration_set; None: on `images`
     themselves, which flatters the loss). Raises ExportError when the export is of another
-    model or one of its fp32 graphs to quantize is missing or not the file the export wrote (the
-    Q/DQ graphs are written into them), CalibrationUnavailable without modelopt."""
+    model or one of its fp32 graphs to quantize is missing, not the file the export wrote (the
+    Q/DQ graphs are written from them) or has its attention as a Scan, CalibrationUnavailable
+    without modelopt. The graphs are written aside and moved into the export at the end: a
+    calibration that fails before leaves the export as it was."""
     version = modelopt_version()
     export_dir = Path(export_dir)
     manifest, _ = load_export(export_dir)
@@ -119,8 +121,16 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
     unknown = set(settings.graphs) - set(QUANTIZED_GRAPHS)
     if unknown:
         raise ValueError(f"only {', '.join(QUANTIZED_GRAPHS)} are quantized, not {sorted(unknown)}")
-    for g in settings.graphs:  # the Q/DQ graphs are written into these: check them before the long work
-        entry = manifest["graphs"][g]["fp32"]
+    for g in settings.graphs:  # the Q/DQ graphs are written from these: check them before the long work
+        graph = manifest["graphs"].get(g, {})
+        if "fp32" not in graph:
+            raise ExportError(f"{export_dir}: has no fp32 graph {g!r} to write its quantized graph from; export it "
+                              "with `osdiff export`")
+        if graph.get("attention") == "scan":
+            raise ExportError(f"{export_dir}: {g}'s attention was exported as a Scan, which the quantized graph "
+                              "would keep and TensorRT cannot build; re-export with `osdiff export --attention mha` "
+                              "(the default)")
+        entry = graph["fp32"]
         path = export_dir / entry["file"]
         if not path.exists():
             raise ExportError(f"{path}: missing; re-export with `osdiff export`")
@@ -143,10 +153,17 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
         for precision in settings.precisions:
             results.append(_calibrate_precision(model, graphs, run, measured, settings, precision, export_dir,
                                                 manifest, staging, accept_loss, echo))
-        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
-            target = export_dir / f.relative_to(staging)
+        # the earlier calibration's entries go first: no entry ever names a file it did not hash
+        _unregister(export_dir, settings.precisions)
+        for graph_file in sorted(staging.rglob("*.onnx")):
+            target = export_dir / graph_file.relative_to(staging)
             target.parent.mkdir(exist_ok=True)
-            f.replace(target)
+            for f in (graph_file, graph_file.with_name(graph_file.name + ".data")):
+                to = target.with_name(f.name)
+                if f.exists():
+                    f.replace(to)
+                else:  # an earlier calibration's side file would count in the graph's sha256
+                    to.unlink(missing_ok=True)
         echo(f"moved the Q/DQ graphs into {export_dir}")
         _write(export_dir, results, images, validation, settings, version, accept_loss)
     finally:
@@ -290,6 +307,17 @@ def _fmt(q: dict[str, float]) -> str:
     if "ms_ssim_drop" in q:
         s += f", MS-SSIM drop {q['ms_ssim_drop']:+.4f}"
     return s
+
+
+def _unregister(export_dir: Path, precisions: tuple[str, ...]) -> None:
+    """Remove `precisions`' entries (an earlier calibration's) from the export's manifest."""
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    for entry in manifest["graphs"].values():
+        for p in precisions:
+            entry.pop(p, None)
+    for p in precisions:
+        manifest.get("calibration", {}).pop(p, None)
+    write_atomic(export_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
 
 
 def _write(export_dir: Path, results: list[PrecisionResult], images: list[CalibrationImage],

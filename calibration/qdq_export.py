@@ -185,7 +185,9 @@ def insert_qdq(model: onnx.ModelProto, q: nn.Module) -> list[str]:
     nodes: list[onnx.NodeProto] = []
     named: set[str] = set()
     dropped: set[str] = set()  # float weights now stored int8
-    shared: dict[str, str] = {}
+    # (weight initializer, layer) -> its dequantized tensor: the exporter gives one initializer to
+    # layers whose weights are equal, whose scales (and SmoothQuant's W / s) may still differ
+    shared: dict[tuple[str, str], str] = {}
 
     def constant(name: str, value: np.ndarray | np.generic) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
@@ -235,8 +237,8 @@ def insert_qdq(model: onnx.ModelProto, q: nn.Module) -> list[str]:
         """The weight of `node` stored as int8 behind a DequantizeLinear; returns the dequantized
         tensor's name."""
         w_name = node.input[1]
-        if w_name in shared:  # a layer called twice: one int8 copy
-            return shared[w_name]
+        if (w_name, layer) in shared:  # a layer called twice: one int8 copy
+            return shared[w_name, layer]
         w = weight(node, layer, name)
         axis = _output_axis(node, w.ndim)
         amax = t.export_amax().detach().float().reshape(-1).numpy()
@@ -257,8 +259,8 @@ def insert_qdq(model: onnx.ModelProto, q: nn.Module) -> list[str]:
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}.int8", scale, zero], [f"{name}.dequantized"],
                                       f"{name}/DQ", axis=axis))
         dropped.add(w_name)
-        shared[w_name] = f"{name}.dequantized"
-        return shared[w_name]
+        shared[w_name, layer] = f"{name}.dequantized"
+        return shared[w_name, layer]
 
     calls: dict[str, int] = {}
     for node in graph.node:
@@ -273,9 +275,13 @@ def insert_qdq(model: onnx.ModelProto, q: nn.Module) -> list[str]:
             continue
         calls[layer] = calls.get(layer, 0) + 1
         key = layer if calls[layer] == 1 else f"{layer}#{calls[layer]}"  # a layer called twice
+        smoothing = _smoothquant_scale(q.get_submodule(layer))
+        if smoothing is not None and not {"input", "weight"} <= set(roles):
+            # its weight is W / s and its input quantizer multiplies by s even when disabled
+            raise ValueError(f"{layer}: SmoothQuant-scaled, but only its {'/'.join(roles)} quantizer is enabled: "
+                             "the scale and the weight would not be written together")
         if "input" in roles:
             x = node.input[0]
-            smoothing = _smoothquant_scale(q.get_submodule(layer))
             if smoothing is not None:  # the input quantizer scales before it quantizes
                 nodes.append(helper.make_node("Mul", [x, constant(f"{key}.input.smoothquant_scale", smoothing.numpy())],
                                               [f"{key}.input.smoothed"], f"{key}/smoothquant"))
@@ -299,11 +305,11 @@ def insert_qdq(model: onnx.ModelProto, q: nn.Module) -> list[str]:
             if t.num_bits == 8:
                 node.input[1] = int8_weight(node, layer, t, f"{key}.weight")
             else:  # float32 behind its pair, as ModelOpt writes it
-                if node.input[1] not in shared:
+                if (node.input[1], layer) not in shared:
                     dropped.add(node.input[1])
-                    shared[node.input[1]] = pair(constant(f"{key}.weight.float", weight(node, layer, f"{key}.weight")),
-                                                 t, f"{key}.weight")
-                node.input[1] = shared[node.input[1]]
+                    shared[node.input[1], layer] = pair(
+                        constant(f"{key}.weight.float", weight(node, layer, f"{key}.weight")), t, f"{key}.weight")
+                node.input[1] = shared[node.input[1], layer]
         nodes.append(node)
         if "output" in roles:
             # the DQ takes over the layer's output name: every reader (or the graph output) reads it

@@ -640,12 +640,14 @@ def test_onnx_runtime_quantizes_a_layer_as_modelopt_does(layer, tmp_path):
 class _Toy(torch.nn.Module):
     """The layer kinds the heavy graphs have, in the orders they have them: a convolution into
     GroupNorm and SiLU, a residual, a transposed convolution, nearest upsampling into a
-    convolution (the VAE decoder's and UNet's upsamplers), Linear layers on a token sequence
-    (SmoothQuant scales their inputs), a 1x1 convolution out."""
+    convolution (the VAE decoder's and UNet's upsamplers), a Linear on one vector per picture
+    (a Gemm, as the timestep embedding's), Linear layers on a token sequence (SmoothQuant scales
+    the Linears' inputs), a 1x1 convolution out."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv_in = torch.nn.Conv2d(4, 32, 3, padding=1)
+        self.emb = torch.nn.Linear(4, 32)
         self.norm = torch.nn.GroupNorm(8, 32)
         self.conv = torch.nn.Conv2d(32, 32, 3, padding=1)
         self.up = torch.nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1)
@@ -655,7 +657,7 @@ class _Toy(torch.nn.Module):
         self.conv_out = torch.nn.Conv2d(64, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(x) + self.emb(x.mean((2, 3)))[:, :, None, None]
         h = self.up(self.conv(torch.nn.functional.silu(self.norm(h))) + h)
         h = self.conv_up(torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")) + h.mean()
         b, c, height, width = h.shape
@@ -693,6 +695,8 @@ def test_qdq_export_writes_what_modelopts_own_export_writes(precision, tmp_path)
         warnings.simplefilter("ignore")
         torch.onnx.export(q, (x,), str(tmp_path / "modelopt.onnx"), dynamo=False, opset_version=18, input_names=["x"])
         ours = torch.onnx.export(toy, (x,), dynamo=True, opset_version=18, input_names=["x"], verbose=False).model_proto
+    float_graph = onnx.ModelProto()
+    float_graph.CopyFrom(ours)
     assert insert_qdq(ours, q) == []
     onnx.save(ours, str(tmp_path / "ours.onnx"))
     int8 = precision == "int8"
@@ -701,6 +705,12 @@ def test_qdq_export_writes_what_modelopts_own_export_writes(precision, tmp_path)
         name: {"input": True, "weight": True, "output": int8 and (isinstance(m, torch.nn.Conv2d) or name == "up")}
         for name, m in _Toy().named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))}
     if int8:
+        # a SmoothQuant-scaled layer (weight W / s) whose input quantizer, which applies s, is off
+        import copy
+        half = copy.deepcopy(q)
+        half.proj.weight_quantizer.disable()
+        with pytest.raises(ValueError, match="proj: SmoothQuant-scaled, but only its input quantizer is enabled"):
+            insert_qdq(float_graph, half)
         cpu = ["CPUExecutionProvider"]
         sessions = [ort.InferenceSession(str(tmp_path / f), providers=cpu) for f in ("modelopt.onnx", "ours.onnx")]
         options = ort.SessionOptions()
@@ -877,7 +887,7 @@ def test_cli_calibrate_refuses_a_folder_that_is_not_an_export_first(tmp_path):
 
 @needs_modelopt
 def test_calibrate_refuses_a_replaced_or_missing_fp32_graph_first(tiny_model, tiny_export, tiny_crops, tmp_path):
-    """The Q/DQ graphs are written into the export's fp32 graphs: one replaced by another file
+    """The Q/DQ graphs are written from the export's fp32 graphs: one replaced by another file
     (here the VAE decoder's copied over G_s's) or missing is refused, naming it, before the
     codec runs on a single image, and nothing is written."""
     from osdiff.calibration.calibrate import Settings, calibrate
@@ -893,6 +903,17 @@ def test_calibrate_refuses_a_replaced_or_missing_fp32_graph_first(tiny_model, ti
     (out / "fp32" / "synthesis.onnx").unlink()
     with pytest.raises(ExportError, match=r"fp32/synthesis.onnx: missing; re-export with `osdiff export`"):
         calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False), echo=said.append)
+    edited = json.loads(manifest)
+    del edited["graphs"]["synthesis"]  # an `osdiff export --only ...`
+    (out / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(ExportError, match=r"has no fp32 graph 'synthesis' to write its quantized graph from"):
+        calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False), echo=said.append)
+    edited = json.loads(manifest)
+    edited["graphs"]["denoiser"]["attention"] = "scan"
+    (out / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(ExportError, match=r"denoiser's attention was exported as a Scan.*--attention mha"):
+        calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False, graphs=("denoiser",)), echo=said.append)
+    (out / "manifest.json").write_text(manifest)
     assert said == []
     assert not (out / "int8").exists() and (out / "manifest.json").read_text() == manifest
 
@@ -902,9 +923,11 @@ def test_calibration_that_fails_while_writing_leaves_the_export_as_it_was(tiny_m
                                                                          tmp_path, monkeypatch):
     """The Q/DQ graphs are written aside and moved into the export only once every one of them is:
     a failure at the second graph (an exporter error, an interrupt) leaves no INT8 file, no staging
-    folder and the manifest untouched."""
+    folder and the manifest untouched. A later calibration that succeeds removes a stale side
+    file, so that the manifest's sha256 is the graph's."""
     from osdiff.calibration import calibrate as calibrate_module
     from osdiff.calibration.calibrate import STAGING, Settings, calibrate
+    from osdiff.export.onnx_export import _sha256
 
     out = tmp_path / "export"
     shutil.copytree(tiny_export, out)
@@ -925,3 +948,13 @@ def test_calibration_that_fails_while_writing_leaves_the_export_as_it_was(tiny_m
     assert written and written[0].is_relative_to(out / STAGING)
     assert not (out / "int8").exists() and not (out / STAGING).exists()
     assert (out / "manifest.json").read_text() == manifest and not (out / "calibration.json").exists()
+    # once it succeeds, a side file an earlier calibration left beside a graph is gone (it would
+    # count in the graph's sha256)
+    monkeypatch.undo()
+    (out / "int8").mkdir()
+    (out / "int8" / "synthesis.onnx.data").write_bytes(b"stale")
+    calibrate(tiny_model, out, tiny_crops, Settings(sensitivity=False, graphs=("synthesis",)), accept_loss=True,
+              echo=lambda s: None)
+    entry = json.loads((out / "manifest.json").read_text())["graphs"]["synthesis"]["int8"]
+    assert not (out / "int8" / "synthesis.onnx.data").exists() and not (out / STAGING).exists()
+    assert _sha256(out / entry["file"]) == entry["sha256"]
