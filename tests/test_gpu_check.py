@@ -51,7 +51,10 @@ def test_rehearsal_writes_the_gpu_runs_json(rehearsal):
     for stage in ("z_coding", "hyper_synthesis", "entropy network", "entropy coder", "synthesis", "denoiser",
                   "vae_decoder"):
         assert ours["stages"][stage] > 0, stage
-    assert sum(ours["stages"].values()) == pytest.approx(ours["decode_ms"], rel=0.1)
+    # (each stage is a median over the runs, the decode the median of whole runs: on this shared CPU
+    # they drifted 10.4 % apart once, beside another pytest; a missing or twice-counted stage is
+    # far more)
+    assert sum(ours["stages"].values()) == pytest.approx(ours["decode_ms"], rel=0.25)
 
     # issue 26's comparison, rehearsed on the CPU: the same variant with attention in query blocks
     blocks = by_name["ours fp32 eager" + gpu_check.BLOCKS]
