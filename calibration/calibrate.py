@@ -121,7 +121,9 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
     unknown = set(settings.graphs) - set(QUANTIZED_GRAPHS)
     if unknown:
         raise ValueError(f"only {', '.join(QUANTIZED_GRAPHS)} are quantized, not {sorted(unknown)}")
-    for g in settings.graphs:  # the Q/DQ graphs are written from these: check them before the long work
+    # graph -> its fp32 file, which its Q/DQ graphs are written from: checked before the long work
+    float_graphs = {}
+    for g in settings.graphs:
         graph = manifest["graphs"].get(g, {})
         if "fp32" not in graph:
             raise ExportError(f"{export_dir}: has no fp32 graph {g!r} to write its quantized graph from; export it "
@@ -137,6 +139,7 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
         if _sha256(path) != entry["sha256"]:
             raise ExportError(f"{path}: not the file the export wrote (its sha256 differs from manifest.json's); "
                               "re-export with `osdiff export`")
+        float_graphs[g] = path
     t0 = time.perf_counter()
     echo(f"running the fp32 codec on {len(images)} calibration crops"
          + (f" and {len(validation)} validation pictures ..." if validation else " ..."))
@@ -151,8 +154,8 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for precision in settings.precisions:
-            results.append(_calibrate_precision(model, graphs, run, measured, settings, precision, export_dir,
-                                                manifest, staging, accept_loss, echo))
+            results.append(_calibrate_precision(model, graphs, run, measured, settings, precision, float_graphs,
+                                                staging, accept_loss, echo))
         # the earlier calibration's entries go first: no entry ever names a file it did not hash
         _unregister(export_dir, settings.precisions)
         for graph_file in sorted(staging.rglob("*.onnx")):
@@ -172,11 +175,12 @@ def calibrate(model: OSDiffModel, export_dir: str | Path, images: list[Calibrati
 
 
 def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, measured: CalibrationRun,
-                         settings: Settings, precision: str, export_dir: Path, manifest: dict, staging: Path,
+                         settings: Settings, precision: str, float_graphs: dict[str, Path], staging: Path,
                          accept_loss: bool, echo: Callable[[str], None]) -> PrecisionResult:
     """`run`: the fp32 codec on the crops that set the ranges; `measured`: on the pictures the
     losses are measured on (the same run when there are no validation pictures). The graphs are
-    written under `staging`, as they will lie in the export."""
+    written from `float_graphs` (graph -> the export's fp32 file) under `staging`, as they will
+    lie in the export."""
     t0 = time.perf_counter()
     recipe = settings.recipe(precision)
     originals = [im.pixels for im in measured.images]
@@ -228,8 +232,7 @@ def _calibrate_precision(model: OSDiffModel, graphs: dict, run: CalibrationRun, 
     per_graph = {}
     for g, q in quantized.items():
         path = staging / precision / f"{g}.onnx"
-        float_graph = export_dir / manifest["graphs"][g]["fp32"]["file"]
-        constant = export_qdq(q, model.config, g, graphs[g].inputs, float_graph, path)
+        constant = export_qdq(q, model.config, g, graphs[g].inputs, float_graphs[g], path)
         # layers the exporter computed into constants are float in the graph: so they are in what
         # is measured from here on (the end-to-end loss above was measured with them quantized)
         keep_float(q, graphs[g].module, constant)
@@ -259,13 +262,11 @@ def skip_until_within(candidates: list[tuple[str, str]], measure: Callable[[], d
         if within(q, aim):
             return q
         if taken == len(candidates):
-            verdict = f"{'within' if within(q) else 'over'} the targets themselves"
-            if not candidates:  # the sensitivity search, which ranks the blocks, was off
-                echo(f"  still over {aim:g} x the targets {TARGETS}, and no block was measured to keep float "
-                     f"(sensitivity off): {verdict}")
-            else:
-                echo(f"  still over {aim:g} x the targets {TARGETS} with every candidate block ({taken}, at most "
-                     f"max_extra_skips) kept float: {verdict}")
+            # no candidates: the sensitivity search, which ranks the blocks, was off
+            kept = (f" with every candidate block ({taken}, at most max_extra_skips) kept float" if candidates
+                    else ", and no block was measured to keep float (sensitivity off)")
+            echo(f"  still over {aim:g} x the targets {TARGETS}{kept}: {'within' if within(q) else 'over'} the "
+                 "targets themselves")
             return q
         g, b = candidates[taken]
         taken += 1
@@ -333,8 +334,7 @@ def _write(export_dir: Path, results: list[PrecisionResult], images: list[Calibr
     write_atomic(export_dir / REPORT, json.dumps(report, indent=1).encode())
     manifest = json.loads((export_dir / "manifest.json").read_text())
     for r in results:
-        for g, entry in manifest["graphs"].items():
-            entry.pop(r.precision, None)  # an earlier calibration's entry
+        for g, entry in manifest["graphs"].items():  # an earlier calibration's entries are gone (_unregister)
             if r.registered and g in r.per_graph:
                 p = r.per_graph[g]
                 entry[r.precision] = {
