@@ -34,6 +34,8 @@ ModelOpt's, on purpose:
   decodes at one fixed t) was computed into a constant by the exporter and stays float;
   `export_qdq` checks that their inputs are indeed constant and returns these layers.
 - The attention keeps the form the fp32 graph has (the manifest's "attention"), in float.
+- An INT8 residual block whose skip reads its quantized input (calibration/quantize.py
+  `quantized_residuals`) has its sum read the dequantized input of its first convolution.
 
 This is the explicit-precision form TensorRT 10/11 builds strongly typed and ONNX Runtime runs
 with its INT8 kernels.
@@ -52,7 +54,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from osdiff.calibration.quantize import LAYER_TYPES
+from osdiff.calibration.quantize import LAYER_TYPES, quantized_residuals
 from osdiff.config import ModelConfig
 from osdiff.export.model import graph_shapes
 from osdiff.export.onnx_export import EXTERNAL_DATA_BYTES
@@ -321,6 +323,17 @@ def insert_qdq(model: onnx.ModelProto, q: nn.Module) -> list[str]:
     if missing:
         raise ValueError(f"no Conv/ConvTranspose/MatMul/Gemm node of {sorted(missing)[:3]} to quantize: the graph "
                          "holds them in a form this exporter does not know")
+    for block in quantized_residuals(q):
+        first = f"{block}.branch.0"
+        if first not in calls:
+            continue  # no node of the layer at all: export_qdq refuses the graph, naming it
+        if calls[first] != 1 or _smoothquant_scale(q.get_submodule(first)) is not None:
+            raise ValueError(f"{block}: its first layer is not one plain call in the graph; its skip cannot be rerouted")
+        x = next(n.input[0] for n in nodes if n.name == f"{first}.input/Q")
+        sums = [n for n in nodes if n.op_type == "Add" and x in n.input and layer_of(n) == block]
+        if len(sums) != 1:
+            raise ValueError(f"{block}: {len(sums)} Add nodes of the block read its input (one expected: its sum)")
+        sums[0].input[list(sums[0].input).index(x)] = f"{first}.input.dequantized"
     del graph.node[:]
     graph.node.extend(nodes)
     dropped -= {i for n in nodes for i in n.input}  # a float weight something else still reads

@@ -7,6 +7,8 @@ the default form, export/models/attention.py), which TensorRT's parser does not 
 rewritten into the standard MatMul-Softmax-MatMul pattern, which TensorRT's builder fuses into
 its own attention kernels. A graph exported with `--attention scan` (an ONNX Scan over query
 blocks) is refused: no Scan or Loop reaches TensorRT, where a loop body would not be fused.
+Likewise the heavy graphs' com.microsoft.Gelu nodes (export/models/gelu.py) go back to the
+five-node exact GELU, which TensorRT fuses.
 
 Then shape inference, then constant folding (passes until nothing changes, each followed by
 dead-node cleanup): subgraphs that depend on no input (shape arithmetic, weight casts of the fp16
@@ -24,6 +26,7 @@ import onnx
 from polygraphy.backend.onnx import FoldConstants, InferShapes, OnnxFromPath, SaveOnnx
 
 from osdiff.export.models.attention import plain_attention
+from osdiff.export.models.gelu import plain_gelu
 
 LOOPS = ("Scan", "Loop")
 
@@ -33,20 +36,21 @@ class PrepareError(ValueError):
 
 
 def prepare_onnx(src: str | Path, dst: str | Path, partition: bool = False) -> None:
-    """Rewrite attention into the plain pattern, then fold and sanitize the ONNX graph at `src`
+    """Rewrite attention and GELU (ONNX Runtime's fused ops) into the plain patterns, then fold and sanitize the ONNX graph at `src`
     into `dst`. partition: fold each constant subgraph that ONNX Runtime can evaluate and leave
     the others (graphs with TensorRT's own ops, such as its FP8 Q/DQ). Raises PrepareError for a
     graph with a Scan or Loop (naming how to re-export)."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
 
-    def with_plain_attention() -> onnx.ModelProto:
+    def with_plain_ops() -> onnx.ModelProto:
         model = InferShapes(OnnxFromPath(str(src)))()
         loops = sorted({n.op_type for n in model.graph.node if n.op_type in LOOPS})
         if loops:
             raise PrepareError(f"{src}: has a {'/'.join(loops)} node (attention exported with --attention scan?); "
                                "TensorRT gets no loops: re-export with `osdiff export --attention mha` (the default)")
         plain_attention(model)
+        plain_gelu(model)
         return model
 
-    load = FoldConstants(with_plain_attention, partitioning="basic" if partition else None, error_ok=partition)
+    load = FoldConstants(with_plain_ops, partitioning="basic" if partition else None, error_ok=partition)
     SaveOnnx(load, path=str(dst))()

@@ -11,7 +11,8 @@ Output directory:
 Attention is written in the form of `attention=` (export/models/attention.py): by default ONNX
 Runtime's fused com.microsoft.MultiHeadAttention, which `osdiff build` rewrites into the plain
 pattern TensorRT fuses; every graph entry of the manifest says which form ("attention"; null
-where the graph has none). Graphs take float32 inputs and give float32 outputs in both variants: an fp16 graph
+where the graph has none). In that form the heavy graphs' GELUs are ONNX Runtime's
+com.microsoft.Gelu too (export/models/gelu.py), which `osdiff build` rewrites likewise. Graphs take float32 inputs and give float32 outputs in both variants: an fp16 graph
 casts at its edges, so every runner binds the same buffers. Precision is decided inside the graph (the
 fp32 islands are the modules' own casts, see calibration/precision.py), which is what TensorRT
 11's strongly typed builds require.
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from osdiff.calibration.precision import FP16_GRAPHS, FP16_ISLANDS
 from osdiff.config import ModelConfig
 from osdiff.export.model import OSDiffModel, graph_shapes
+from osdiff.export.models import gelu
 from osdiff.export.models.attention import FORMS, MHA_DOMAIN, export_form, onnx_translation, plain_attention
 from osdiff.files import read_manifest, write_atomic
 from osdiff.runtime.backends.base import EntropyModels
@@ -143,6 +145,9 @@ def export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[s
     """Export one graph to `path` (torch's dynamo exporter; weights over 1.8 GB go to
     `path`.data); returns how many attention operations it has. Every node keeps the module path
     the exporter records ("pkg.torch.onnx.name_scopes"), which calibration/qdq_export.py reads."""
+    translation = onnx_translation()
+    if name in FP16_GRAPHS:  # the LFGCM graphs keep the exporter's GELU (export/models/gelu.py)
+        translation.update(gelu.onnx_translation())
     shapes = graph_shapes(cfg, name, _TRACE_BATCH, _TRACE_H * cfg.pad_multiple // 64, _TRACE_W * cfg.pad_multiple // 64)
     args = tuple(torch.randn(shapes[i]) for i in inputs)
     auto = torch.export.Dim.AUTO
@@ -154,7 +159,7 @@ def export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[s
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=list(inputs),
                                     output_names=list(outputs), dynamic_shapes=dynamic, verbose=False,
-                                    custom_translation_table=onnx_translation())
+                                    custom_translation_table=translation)
     assert program is not None
     for f in (path, path.with_name(path.name + ".data")):
         f.unlink(missing_ok=True)
@@ -163,11 +168,13 @@ def export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[s
     program.save(str(path), external_data=big)
     graph = onnx.load(str(path), load_external_data=False)
     count = sum(n.op_type == "MultiHeadAttention" and n.domain == MHA_DOMAIN for n in graph.graph.node)
-    if attention == "plain" and count:
-        plain_attention(graph)
-        onnx.save(graph, str(path))  # the weights, in the graph or beside it, are unchanged
-    elif attention == "scan":
+    rewritten = plain_attention(graph) if attention == "plain" else 0
+    if attention == "scan":
         count = sum(n.op_type == "Scan" for n in graph.graph.node)
+    if attention != "mha":  # contrib ops only in ONNX Runtime's form
+        rewritten += gelu.plain_gelu(graph)
+    if rewritten:
+        onnx.save(graph, str(path))  # the weights, in the graph or beside it, are unchanged
     onnx.checker.check_model(str(path), full_check=False)
     return count
 

@@ -346,12 +346,14 @@ def test_tiny_attention_stays_float(tiny_calibrated):
 def test_tiny_onnx_runtime_runs_int8_convolutions_as_integer_kernels(tiny_calibrated, tiny_model, tmp_path):
     """ONNX Runtime, given the graph as the backend loads it (uint8 activations), turns every
     quantized convolution into a QLinearConv (its integer kernel), none left in float behind its
-    DequantizeLinears."""
+    DequantizeLinears; and every residual sum of G_s whose skip reads the quantized input
+    (calibration/quantize.py quantized_residuals) into an 8-bit QLinearAdd."""
     import onnx
 
+    from osdiff.calibration.quantize import quantized_residuals
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    out, _ = tiny_calibrated
+    out, result = tiny_calibrated
     backend = OnnxRuntimeBackend(out, precision="int8")
     graphs = tiny_model.graphs()
     for g in QUANTIZED_GRAPHS:
@@ -362,6 +364,9 @@ def test_tiny_onnx_runtime_runs_int8_convolutions_as_integer_kernels(tiny_calibr
         backend.session(g)
         ops = [n.op_type for n in onnx.load(str(tmp_path / f"{g}.onnx")).graph.node]
         assert ops.count("QLinearConv") == len(convs), f"{g}: {ops.count('QLinearConv')} QLinearConv, {len(convs)} INT8 convs"
+        if g == "synthesis":  # its six ResidualBottlenecks, none skipped
+            residuals = quantized_residuals(result.modules[g])
+            assert len(residuals) == 6 and ops.count("QLinearAdd") == 6, f"{ops.count('QLinearAdd')} QLinearAdd"
 
 
 @needs_modelopt
@@ -749,6 +754,56 @@ def tiny_synthesis_int8(tiny_model):
     torch.manual_seed(0)
     args = [tuple(torch.randn(shapes[i]) for i in spec.inputs) for _ in range(2)]
     return spec, quantize(spec.module, args, Recipe()), args[0]
+
+
+@needs_modelopt
+def test_residual_skips_read_the_quantized_input_in_torch_and_in_the_graph(tiny_model, tiny_export,
+                                                                          tiny_synthesis_int8, tmp_path):
+    """INT8 (Recipe.quantized_residuals): each ResidualBottleneck adds its input as its first
+    convolution's input quantizer gives it. In PyTorch the hook changes the output (it does
+    something) and goes with the block's first layer: a block kept float, or the float module
+    outside `partly_quantized`, adds its input as it is. In the Q/DQ graph each block's sum reads
+    the DequantizeLinear of that convolution's input, and ONNX Runtime computes what the fake
+    quantization computes (to the rounding of an integer convolution: mean error within 5 % of
+    the fake quantization's own from fp32). FP8 leaves the skips float."""
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    from osdiff.calibration.qdq_export import export_qdq, layer_of
+    from osdiff.calibration.quantize import Recipe, keep_float, partly_quantized, quantize, quantized_residuals
+    from osdiff.runtime.backends.onnxruntime_int8 import inference_session
+
+    spec, q, args = tiny_synthesis_int8
+    blocks_ = quantized_residuals(q)
+    assert blocks_ == [f"decoder.{s}.{i}" for s in ("g_s2", "g_s3") for i in (1, 2, 3)]
+    with torch.no_grad():
+        ref, fake = spec.module(*args), q(*args)
+        plain = copy.deepcopy(q)
+        for m in plain.modules():
+            m._forward_pre_hooks.clear()
+        assert not torch.equal(fake, plain(*args))
+        one_float = copy.deepcopy(q)
+        keep_float(one_float, spec.module, ["decoder.g_s2.1.branch.0"])
+        assert quantized_residuals(one_float) == blocks_[1:]
+        with partly_quantized(spec.module, q, ["decoder.g_s2.1.branch.0"]) as partly:
+            assert len(partly.decoder.g_s2[1]._forward_pre_hooks) == 1
+        assert all(not m._forward_pre_hooks for m in spec.module.modules())
+    assert quantized_residuals(quantize(spec.module, [args], Recipe.fp8())) == []
+
+    path = tmp_path / "synthesis_int8.onnx"
+    export_qdq(q, tiny_model.config, "synthesis", spec.inputs, tiny_export / "fp32" / "synthesis.onnx", path)
+    graph = onnx.load(str(path))
+    sums = {layer_of(n): list(n.input) for n in graph.graph.node if n.op_type == "Add" and layer_of(n) in blocks_}
+    assert sums.keys() == set(blocks_)
+    for block, inputs in sums.items():
+        assert f"{block}.branch.0.input.dequantized" in inputs, f"{block}: its sum reads {inputs}"
+    (got,) = inference_session(path, ort.SessionOptions(), ["CPUExecutionProvider"]).run(
+        None, {i: a.numpy() for i, a in zip(spec.inputs, args)})
+    ort_err = float((torch.from_numpy(got) - ref).abs().mean())
+    fake_err = float((fake - ref).abs().mean())
+    assert abs(ort_err / fake_err - 1) <= 0.05, (ort_err, fake_err)
 
 
 def test_qdq_export_reads_and_writes_weights_in_side_files(tiny_model, tiny_export, tiny_synthesis_int8, tmp_path,

@@ -49,6 +49,14 @@ def test_manifest_describes_every_graph(tiny_export, tiny_model):
         has_attention = name in ("vae_encoder", "denoiser", "vae_decoder")
         assert entry["attention"] == ("mha" if has_attention else None), name
         assert ("MultiHeadAttention" in ops) == has_attention and not {"Scan", "Loop"} & ops, name
+        # GELU: one com.microsoft.Gelu in the heavy graphs; the LFGCM graphs keep the exporter's five nodes
+        gelus = [n.domain for n in proto.graph.node if n.op_type == "Gelu"]
+        if name in FP16_GRAPHS:
+            assert "Erf" not in ops and set(gelus) <= {"com.microsoft"}, name
+        else:
+            assert not gelus, name
+        if name in ("synthesis", "denoiser"):
+            assert gelus, name  # G_s's bottlenecks, the UNet's GEGLU
     assert manifest["graphs"]["denoiser"]["shapes"]["x_T"] == ["batch", 4, "height/8", "width/8"]
     assert manifest["graphs"]["entropy_anchor_1"]["shapes"]["scales"] == ["batch", 6, "height/16", "width/32"]
     assert manifest["entropy"]["bottleneck"]["cdfs"] == tiny_model.entropy_bottleneck.tables.cdfs
@@ -121,3 +129,52 @@ def test_every_exported_file_gets_the_mode_the_umask_gives(tiny_export):
     assert any(p.name == "entropy_bottleneck.safetensors" for p in files)
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
+
+
+def test_gelu_is_one_node_for_onnx_runtime_and_five_for_tensorrt(tmp_path):
+    """export/models/gelu.py: exact GELU exported as com.microsoft.Gelu computes PyTorch's GELU
+    in ONNX Runtime; plain_gelu writes the five nodes back (constants in the graph's dtype, no
+    contrib op or domain left), the same function again, and engine/prepare.py does so before
+    TensorRT."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from osdiff.export.models.gelu import onnx_translation, plain_gelu
+
+    def export(module, x, path):
+        with torch.no_grad():
+            program = torch.onnx.export(module, (x,), dynamo=True, opset_version=18, input_names=["x"],
+                                        custom_translation_table=onnx_translation(), verbose=False)
+        program.save(str(path))
+        return onnx.load(str(path))
+
+    def run(model, x):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x.numpy()})[0]
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.GELU(), torch.nn.Conv2d(8, 3, 1)).eval()
+    x = torch.randn(2, 3, 9, 7) * 3
+    with torch.no_grad():
+        ref = module(x).numpy()
+    model = export(module, x, tmp_path / "gelu.onnx")
+    assert [(n.op_type, n.domain) for n in model.graph.node if n.op_type in ("Gelu", "Erf")] == [("Gelu", "com.microsoft")]
+    np.testing.assert_allclose(run(model, x), ref, rtol=1e-5, atol=1e-6)
+    assert plain_gelu(model) == 1
+    assert {n.op_type for n in model.graph.node} >= {"Div", "Erf"} and "Gelu" not in {n.op_type for n in model.graph.node}
+    assert "com.microsoft" not in {o.domain for o in model.opset_import}
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_allclose(run(model, x), ref, rtol=1e-5, atol=1e-6)
+
+    half = export(module.half(), x.half(), tmp_path / "gelu16.onnx")
+    assert plain_gelu(half) == 1
+    assert {i.data_type for i in half.graph.initializer if "/plain/" in i.name} == {onnx.TensorProto.FLOAT16}
+    np.testing.assert_allclose(run(half, x.half()).astype(np.float32), ref, rtol=2e-2, atol=2e-2)
+
+    pytest.importorskip("polygraphy", reason="Polygraphy (engine/prepare.py) is not installed")
+    from osdiff.engine.prepare import prepare_onnx
+
+    prepare_onnx(tmp_path / "gelu.onnx", tmp_path / "prepared.onnx")
+    prepared = onnx.load(str(tmp_path / "prepared.onnx"))
+    assert "Gelu" not in {n.op_type for n in prepared.graph.node}
+    np.testing.assert_allclose(run(prepared, x), ref, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ and a running softmax), so their memory is linear in N. Each runtime gets the fo
 - Exported graphs (`export_form`), one of FORMS:
   "mha":   ONNX Runtime's fused `com.microsoft.MultiHeadAttention` (float32 and float16; on the
            CPU its flash path, memory-linear, runs without mask, bias or past state). The default.
+           In this form the heavy graphs' GELU is ONNX Runtime's too (export/models/gelu.py).
   "plain": the standard MatMul-Softmax-MatMul pattern, which TensorRT's builder fuses into its
            attention kernels (`osdiff build` rewrites "mha" graphs into it: plain_attention()).
   "scan":  an ONNX Scan over blocks of queries: bounded memory on any runtime, fused by none;

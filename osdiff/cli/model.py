@@ -17,8 +17,8 @@ from osdiff.export.models.attention import FORMS
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="Also write fp16 variants of the heavy graphs.")
 @click.option("--only", multiple=True, help="Export only these graphs (repeatable).")
 @click.option("--attention", type=click.Choice(FORMS), default="mha", show_default=True,
-              help="Form of attention in the graphs: mha (ONNX Runtime's fused MultiHeadAttention; `osdiff build` "
-                   "rewrites it into the pattern TensorRT fuses), plain (MatMul-Softmax-MatMul), scan (blocks of "
+              help="Form of attention in the graphs: mha (ONNX Runtime's fused MultiHeadAttention, and GELU as its "
+                   "Gelu in the heavy graphs; `osdiff build` rewrites both into the patterns TensorRT fuses), plain (MatMul-Softmax-MatMul), scan (blocks of "
                    "queries in an ONNX Scan: bounded memory on runtimes with no fused attention; not for TensorRT).")
 @user_errors
 def export(output: str, fp16: bool, only: tuple[str, ...], attention: str, **checkpoints: Any) -> None:
