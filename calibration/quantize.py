@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -91,8 +92,14 @@ class Recipe:
 
 
 def modelopt_version() -> str:
+    """ModelOpt's version; imports its quantization package (once per process). Raises
+    CalibrationUnavailable without it."""
     try:
         import modelopt
+        with warnings.catch_warnings():
+            # its Hugging Face export, which nothing here uses, warns at import without transformers
+            warnings.filterwarnings("ignore", message="Cannot find transformers package")
+            import modelopt.torch.quantization  # noqa: F401
     except ImportError as e:
         raise CalibrationUnavailable("calibration needs NVIDIA's ModelOpt: pip install -e \".[calibrate]\" "
                                      "(nvidia-modelopt)") from e

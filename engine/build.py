@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osdiff.calibration.precision import FP16_GRAPHS
-from osdiff.engine.environment import current_gpu, tensorrt_version
+from osdiff.engine.environment import TensorRTMissing, current_gpu, tensorrt_version
 from osdiff.engine.manifest import MODEL_DIR, TIMING_CACHE, EngineError, EngineManifest
 from osdiff.engine.prepare import prepare_onnx
 from osdiff.engine.profiles import ShapeProfile
@@ -56,8 +56,13 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, profiles: list[S
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision != "fp16" and not any(precision in e for e in onnx_manifest["graphs"].values()):
+        try:  # before anyone spends minutes calibrating on a machine that cannot build anyway
+            tensorrt_version()
+            also = ""
+        except TensorRTMissing as e:
+            also = f"; the build needs TensorRT too: {e}"
         raise EngineError(f"{onnx_dir}: the export has no {precision} graphs; run `osdiff calibrate --precision "
-                          f"{precision}` first")
+                          f"{precision}` first{also}")
     if not profiles:
         raise EngineError("give at least one optimization profile")
     for p in profiles:

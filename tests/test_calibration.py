@@ -263,9 +263,22 @@ def test_int8_without_a_calibrated_export_is_a_clear_error(tiny_export):
     from osdiff.export.onnx_export import ExportError
     from osdiff.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    with pytest.raises(ExportError, match="has no int8 variant of .*'denoiser'.*; `osdiff calibrate --precision int8` "
-                                          "adds them"):
+    with pytest.raises(ExportError, match="has no int8 variant of .*'denoiser'.*; `osdiff calibrate --engines DIR "
+                                          "--precision int8` \\(and the model: --config, or its checkpoints\\) adds them"):
         OnnxRuntimeBackend(tiny_export, precision="int8")
+    # osdiff build says so too, and, before anyone calibrates for it, that TensorRT is missing here
+    from osdiff.engine.build import build_engines
+    from osdiff.engine.environment import TensorRTMissing, tensorrt_version
+    from osdiff.engine.manifest import EngineError
+
+    try:
+        tensorrt_version()
+        missing = ""
+    except TensorRTMissing:
+        missing = "; the build needs TensorRT too: TensorRT "
+    with pytest.raises(EngineError, match="the export has no int8 graphs; run `osdiff calibrate --precision int8` "
+                                          f"first{missing}"):
+        build_engines(tiny_export, tiny_export / "never", [], 0, 3, precision="int8")
 
 
 @pytest.fixture(scope="module")

@@ -214,13 +214,19 @@ def test_model_and_export_mismatches_name_the_rebuild_command(manifest, tmp_path
                                               ("synthesis", "fp16"), ("vae_decoder", "fp16")])
 def test_folded_graph_still_matches_on_onnxruntime(tiny_export, tiny_config, tmp_path, graph, precision):
     from osdiff.engine.prepare import prepare_onnx
+    from osdiff.export.models.attention import plain_attention
+    from osdiff.export.models.gelu import plain_gelu
 
     src = tiny_export / precision / f"{graph}.onnx"
     dst = tmp_path / f"{graph}.onnx"
     prepare_onnx(src, dst)
     folded = onnx.load(str(dst))
     onnx.checker.check_model(folded, full_check=True)
-    assert len(folded.graph.node) <= len(onnx.load(str(src)).graph.node)
+    plain = onnx.load(str(src))
+    plain_attention(plain)
+    plain_gelu(plain)  # the fused ops written out as TensorRT gets them, before folding
+    assert len(folded.graph.node) <= len(plain.graph.node)
+    assert not {n.domain for n in folded.graph.node} - {""}  # no contrib op left for TensorRT
     for i in folded.graph.input:  # batch, height and width stay dynamic, channels stay fixed
         dims = i.type.tensor_type.shape.dim
         assert [bool(d.dim_param) for d in dims] == [True, False, True, True], i.name
@@ -231,7 +237,10 @@ def test_folded_graph_still_matches_on_onnxruntime(tiny_export, tiny_config, tmp
     before = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)
     after = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feed)
     for b, a in zip(before, after):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        if precision == "fp32":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        else:  # ONNX Runtime's fused attention and GELU round once, the plain fp16 nodes at each step
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * float(np.abs(b).max()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def _share_cpu_arena() -> None:
 
 # How to get a precision's variants into an export (osdiff export's flags)
 _EXPORT_HINT = {"fp16": "re-export the model: `osdiff export` writes them unless --no-fp16 is given",
-                "int8": "`osdiff calibrate --precision int8` adds them to an export"}
+                "int8": "`osdiff calibrate --engines DIR --precision int8` (and the model: --config, or its "
+                        "checkpoints) adds them to an export"}
 
 
 def graph_variants(directory: str | Path, manifest: dict, precision: str) -> dict[str, dict]:
