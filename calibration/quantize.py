@@ -205,23 +205,30 @@ def quantize(module: nn.Module, inputs: Inputs, recipe: Recipe, skip: Iterable[s
     return q
 
 
+def _first_input_quantizer(block: nn.Module) -> nn.Module | None:
+    """The enabled input quantizer of a ResidualBottleneck's first convolution, or None."""
+    t = getattr(block.branch[0], "input_quantizer", None)
+    return t if t is not None and t.is_enabled else None
+
+
 def _skip_reads_quantized_input(block: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
     """Forward pre-hook of a ResidualBottleneck: its input as its first convolution's enabled
     input quantizer gives it (the module docstring), for the skip and the branch alike (the
     branch's quantizer then gives back the same values). Nothing where that layer is float."""
-    t = getattr(block.branch[0], "input_quantizer", None)
-    if t is None or not t.is_enabled:
-        return None
-    return (t(args[0]),)
+    t = _first_input_quantizer(block)
+    return None if t is None else (t(args[0]),)
+
+
+def _has_skip_hook(m: nn.Module) -> bool:
+    return _skip_reads_quantized_input in m._forward_pre_hooks.values()
 
 
 def quantized_residuals(q: nn.Module) -> list[str]:
     """The residual blocks of `q` (a module from `quantize`) whose skip reads the quantized input
     of their first convolution, that layer quantized: where calibration/qdq_export.py reroutes the
     sum's input."""
-    return [name for name, m in q.named_modules() if isinstance(m, ResidualBottleneck)
-            and _skip_reads_quantized_input in m._forward_pre_hooks.values()
-            and getattr(m.branch[0], "input_quantizer", None) is not None and m.branch[0].input_quantizer.is_enabled]
+    return [name for name, m in q.named_modules()
+            if isinstance(m, ResidualBottleneck) and _has_skip_hook(m) and _first_input_quantizer(m) is not None]
 
 
 def _histogram_ranges(q: nn.Module, loop: Callable[[nn.Module], None], recipe: Recipe) -> None:
@@ -261,7 +268,7 @@ def partly_quantized(module: nn.Module, q: nn.Module, layers: Iterable[str]) -> 
     quantized input as in `q` where `q` does (`quantized_residuals`)."""
     originals = []
     hooks = []
-    if any(_skip_reads_quantized_input in m._forward_pre_hooks.values() for m in q.modules()):
+    if any(_has_skip_hook(m) for m in q.modules()):
         hooks = [m.register_forward_pre_hook(_skip_reads_quantized_input)
                  for m in module.modules() if isinstance(m, ResidualBottleneck)]
     try:

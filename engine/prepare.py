@@ -36,8 +36,8 @@ class PrepareError(ValueError):
 
 
 def prepare_onnx(src: str | Path, dst: str | Path, partition: bool = False) -> None:
-    """Rewrite attention and GELU (ONNX Runtime's fused ops) into the plain patterns, then fold and sanitize the ONNX graph at `src`
-    into `dst`. partition: fold each constant subgraph that ONNX Runtime can evaluate and leave
+    """Rewrite attention and GELU (ONNX Runtime's fused ops) into the plain patterns, then fold
+    and sanitize the ONNX graph at `src` into `dst`. partition: fold each constant subgraph that ONNX Runtime can evaluate and leave
     the others (graphs with TensorRT's own ops, such as its FP8 Q/DQ). Raises PrepareError for a
     graph with a Scan or Loop (naming how to re-export)."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,8 @@ def export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[s
     `path`.data); returns how many attention operations it has. Every node keeps the module path
     the exporter records ("pkg.torch.onnx.name_scopes"), which calibration/qdq_export.py reads."""
     translation = onnx_translation()
-    if name in FP16_GRAPHS:  # the LFGCM graphs keep the exporter's GELU (export/models/gelu.py)
+    # contrib ops only in ONNX Runtime's form; the LFGCM graphs keep the exporter's GELU (export/models/gelu.py)
+    if name in FP16_GRAPHS and attention == "mha":
         translation.update(gelu.onnx_translation())
     shapes = graph_shapes(cfg, name, _TRACE_BATCH, _TRACE_H * cfg.pad_multiple // 64, _TRACE_W * cfg.pad_multiple // 64)
     args = tuple(torch.randn(shapes[i]) for i in inputs)
@@ -168,13 +169,11 @@ def export_graph(cfg: ModelConfig, name: str, module: nn.Module, inputs: tuple[s
     program.save(str(path), external_data=big)
     graph = onnx.load(str(path), load_external_data=False)
     count = sum(n.op_type == "MultiHeadAttention" and n.domain == MHA_DOMAIN for n in graph.graph.node)
-    rewritten = plain_attention(graph) if attention == "plain" else 0
-    if attention == "scan":
-        count = sum(n.op_type == "Scan" for n in graph.graph.node)
-    if attention != "mha":  # contrib ops only in ONNX Runtime's form
-        rewritten += gelu.plain_gelu(graph)
-    if rewritten:
+    if attention == "plain" and count:
+        plain_attention(graph)
         onnx.save(graph, str(path))  # the weights, in the graph or beside it, are unchanged
+    elif attention == "scan":
+        count = sum(n.op_type == "Scan" for n in graph.graph.node)
     onnx.checker.check_model(str(path), full_check=False)
     return count
 

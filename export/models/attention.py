@@ -206,7 +206,7 @@ def plain_attention(model: onnx.ModelProto) -> int:
     past state) raises ValueError."""
     from onnx import TensorProto, helper, numpy_helper
 
-    dtypes = _value_types(model)
+    dtypes = value_types(model)
     graph = model.graph
     nodes = []
     count = 0
@@ -243,14 +243,19 @@ def plain_attention(model: onnx.ModelProto) -> int:
         ]
     del graph.node[:]
     graph.node.extend(nodes)
-    if not any(n.domain == MHA_DOMAIN for n in graph.node):
-        kept = [o for o in model.opset_import if o.domain != MHA_DOMAIN]
-        del model.opset_import[:]
-        model.opset_import.extend(kept)
+    drop_unused_opset(model, MHA_DOMAIN)
     return count
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+def drop_unused_opset(model: onnx.ModelProto, domain: str) -> None:
+    """Remove `domain` from `model`'s opset imports (in place) when no node uses it any more."""
+    if not any(n.domain == domain for n in model.graph.node):
+        kept = [o for o in model.opset_import if o.domain != domain]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every named value the graph declares (inputs, value_info, outputs)."""
     graph = model.graph
     if not graph.value_info:

@@ -11,7 +11,8 @@ five nodes: their outputs decide the stream's CDF indexes, and the streams writt
 decodable to the same bits.
 
 TensorRT fuses the five-node pattern itself and has no com.microsoft ops: `plain_gelu` writes
-them back (engine/prepare.py, and the export's "plain" and "scan" forms).
+them back before a build (engine/prepare.py). The export's "plain" and "scan" forms never write
+the one node.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ def plain_gelu(model: onnx.ModelProto) -> int:
     exporter writes for exact GELU, in the node's own dtype. Returns the number rewritten."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from osdiff.export.models.attention import _value_types
+    from osdiff.export.models.attention import drop_unused_opset, value_types
 
     graph = model.graph
     if not any(n.op_type == "Gelu" and n.domain == GELU_DOMAIN for n in graph.node):
         return 0
-    dtypes = _value_types(model)
+    dtypes = value_types(model)
     nodes = []
     count = 0
     for node in graph.node:
@@ -79,8 +80,5 @@ def plain_gelu(model: onnx.ModelProto) -> int:
         ]
     del graph.node[:]
     graph.node.extend(nodes)
-    if not any(n.domain == GELU_DOMAIN for n in graph.node):
-        kept = [o for o in model.opset_import if o.domain != GELU_DOMAIN]
-        del model.opset_import[:]
-        model.opset_import.extend(kept)
+    drop_unused_opset(model, GELU_DOMAIN)
     return count
